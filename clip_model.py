@@ -1,0 +1,523 @@
+"""Minimal CLIP (Radford et al. 2021, arXiv:2103.00020): OpenAI's ViT / ModifiedResNet image encoders, the causal text
+Transformer, a hand-written byte-level BPE tokenizer and `load` for OpenAI checkpoints, with OpenAI's API and key names.
+One prompt-injection point serves every method: `encode_image(images, prompts)` and `encode_text(text, prompts)`.
+
+Legend: B images, K classes, N text sequences, L tokens, D width, E embedding dim, n prompt tokens, depth prompted layers.
+"""
+import gzip
+import hashlib
+import html
+import os
+import pickle
+import shutil
+import sys
+import urllib.request
+import zipfile
+from collections import OrderedDict
+
+import ftfy
+import regex as re
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import transforms as T
+
+
+class CLIPError(RuntimeError):
+    """A one-line, user-facing error: unknown model, missing or corrupt file, impossible option."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizer: byte-level BPE over 49,152 merges-derived tokens + <|startoftext|> 49406 and <|endoftext|> 49407
+
+BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bpe_simple_vocab_16e6.txt.gz")
+BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
+TOKEN_PATTERN = re.compile(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+                           re.IGNORECASE)
+
+
+def bytes_to_unicode():
+    """Map every byte to a printable unicode character (printable bytes map to themselves) so BPE never sees raw bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return dict(zip(printable + others, map(chr, printable + [256 + i for i in range(len(others))])))
+
+
+def clean_text(text):
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()  # fix mojibake, decode HTML entities (twice)
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+class Tokenizer:
+    def __init__(self, bpe_path=BPE_PATH):
+        if not os.path.isfile(bpe_path):
+            raise CLIPError(f"BPE vocabulary {bpe_path} is missing: restore bpe_simple_vocab_16e6.txt.gz from this repository")
+        with open(bpe_path, "rb") as f:
+            raw = f.read()
+        if hashlib.sha256(raw).hexdigest() != BPE_SHA256:
+            raise CLIPError(f"BPE vocabulary {bpe_path} is corrupt (SHA256 mismatch): restore it from this repository")
+        merges = [tuple(line.split()) for line in gzip.decompress(raw).decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]]
+        self.byte_encoder = bytes_to_unicode()
+        chars = list(self.byte_encoder.values())
+        vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+        self.encoder = {token: i for i, token in enumerate(vocab)}  # 49,408 entries
+        self.bpe_ranks = {merge: i for i, merge in enumerate(merges)}
+        self.cache = {"<|startoftext|>": ["<|startoftext|>"], "<|endoftext|>": ["<|endoftext|>"]}
+        self.sot, self.eot = self.encoder["<|startoftext|>"], self.encoder["<|endoftext|>"]
+
+    def bpe(self, token):
+        """Merge the lowest-ranked adjacent pair until none is in the merge table; the last symbol carries </w>."""
+        if token not in self.cache:
+            word = [*token[:-1], token[-1] + "</w>"]
+            while len(word) > 1:
+                first, second = min(zip(word, word[1:]), key=lambda pair: self.bpe_ranks.get(pair, float("inf")))
+                if (first, second) not in self.bpe_ranks:
+                    break
+                merged, i = [], 0
+                while i < len(word):
+                    if i + 1 < len(word) and word[i] == first and word[i + 1] == second:
+                        merged.append(first + second)
+                        i += 2
+                    else:
+                        merged.append(word[i])
+                        i += 1
+                word = merged
+            self.cache[token] = word
+        return self.cache[token]
+
+    def encode(self, text):
+        ids = []
+        for token in TOKEN_PATTERN.findall(clean_text(text)):
+            token = "".join(self.byte_encoder[b] for b in token.encode("utf-8"))
+            ids.extend(self.encoder[piece] for piece in self.bpe(token))
+        return ids
+
+
+_tokenizer = None
+
+
+def tokenize(texts, context_length=77, truncate=False):
+    """str or list of str -> (N, context_length) LongTensor: [SOS] ids [EOT] 0 ... (EOT has the highest id)."""
+    global _tokenizer
+    _tokenizer = _tokenizer or Tokenizer()
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    result = torch.zeros(len(texts), context_length, dtype=torch.long)
+    for i, text in enumerate(texts):
+        ids = [_tokenizer.sot] + _tokenizer.encode(text) + [_tokenizer.eot]
+        if len(ids) > context_length:
+            if not truncate:
+                raise CLIPError(f"text is {len(ids)} tokens, longer than the context length {context_length}: "
+                                f"shorten it or pass truncate=True ({text[:40]!r}...)")
+            ids = ids[:context_length - 1] + [_tokenizer.eot]
+        result[i, :len(ids)] = torch.tensor(ids)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 whatever the input dtype (safe under fp16/bf16 autocast)."""
+
+    def forward(self, x):
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameter names, computed by fused SDPA."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.randn(3 * width, width) * width ** -0.5)
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x, causal):
+        N, L, D = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(N, L, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (N, heads, L, D / heads)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (N, heads, L, D / heads)
+        return self.out_proj(x.transpose(1, 2).reshape(N, L, D))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.attn = Attention(width, heads)
+        self.ln_1 = LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=QuickGELU(),
+                                             c_proj=nn.Linear(4 * width, width)))
+        self.ln_2 = LayerNorm(width)
+
+    def forward(self, x, causal=False):
+        x = x + self.attn(self.ln_1(x), causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+def insert_prompts(x, prompts, replace):
+    """Put n prompt tokens right after the first token (SOS or CLS) of every sequence.
+    x: (N, L, D); prompts: (n, D), shared, or (N, n, D), one set per sequence.
+    replace=False inserts them -> (N, 1 + n + L - 1, D); replace=True overwrites tokens 1..n -> (N, L, D)."""
+    N, n = x.shape[0], prompts.shape[-2]
+    rest = x[:, 1 + n:] if replace else x[:, 1:]
+    return torch.cat([x[:, :1], prompts.to(x.dtype).expand(N, n, x.shape[-1]), rest], dim=1)
+
+
+class Transformer(nn.Module):
+    def __init__(self, width, layers, heads, causal=False):
+        super().__init__()
+        self.width, self.layers, self.causal = width, layers, causal
+        self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
+
+    def forward(self, x, deep_prompts=()):
+        """x: (N, L, D). deep_prompts[i - 1] ((n, D) or (N, n, D)) replaces tokens 1..n at the input of block i:
+        the outputs of the previous layer's prompts are discarded (VPT-deep, UPT Eq. (4) with layer-wise V^i)."""
+        if len(deep_prompts) >= self.layers:
+            raise CLIPError(f"{len(deep_prompts) + 1} prompt layers given, but the encoder has only {self.layers}")
+        for i, block in enumerate(self.resblocks):
+            if 0 < i <= len(deep_prompts):
+                x = insert_prompts(x, deep_prompts[i - 1], replace=True)
+            x = block(x, self.causal)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Image encoders
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck; stride > 1 is an anti-aliasing avgpool before conv3 and in the downsample branch."""
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(inplanes, planes, 1, bias=False), nn.BatchNorm2d(planes), nn.ReLU()
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2, self.relu2 = nn.BatchNorm2d(planes), nn.ReLU()
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3, self.relu3 = nn.BatchNorm2d(planes * 4), nn.ReLU()
+        self.downsample = None
+        if stride > 1 or inplanes != planes * 4:
+            self.downsample = nn.Sequential(OrderedDict([
+                ("-1", nn.AvgPool2d(stride)), ("0", nn.Conv2d(inplanes, planes * 4, 1, bias=False)),
+                ("1", nn.BatchNorm2d(planes * 4))]))
+
+    def forward(self, x):
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(self.avgpool(out)))
+        return self.relu3(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class AttentionPool2d(nn.Module):
+    """Attention pooling: the mean token (with position) queries all spatial tokens, then c_proj."""
+
+    def __init__(self, spacial_dim, embed_dim, heads, output_dim):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.randn(spacial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5)
+        self.k_proj, self.q_proj, self.v_proj = (nn.Linear(embed_dim, embed_dim) for _ in range(3))
+        self.c_proj = nn.Linear(embed_dim, output_dim)
+        self.heads = heads
+
+    def forward(self, x):
+        B, C = x.shape[:2]
+        x = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1 + HW, C)
+        split = lambda t: t.view(B, t.shape[1], self.heads, C // self.heads).transpose(1, 2)  # (B, heads, *, C / heads)
+        out = F.scaled_dot_product_attention(split(self.q_proj(x[:, :1])), split(self.k_proj(x)), split(self.v_proj(x)))
+        return self.c_proj(out.transpose(1, 2).reshape(B, C))  # (B, E)
+
+
+class ModifiedResNet(nn.Module):
+    """ResNet with a 3-conv stem, anti-aliased strides and attention pooling (CLIP RN50, RN101, RN50x4, ...)."""
+
+    def __init__(self, layers, output_dim, heads, input_resolution=224, width=64):
+        super().__init__()
+        self.input_resolution, self.output_dim = input_resolution, output_dim
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(3, width // 2, 3, 2, 1, bias=False), nn.BatchNorm2d(width // 2), nn.ReLU()
+        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
+        self.bn2, self.relu2 = nn.BatchNorm2d(width // 2), nn.ReLU()
+        self.conv3, self.bn3, self.relu3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        self.avgpool = nn.AvgPool2d(2)
+        self._inplanes = width
+        self.layer1 = self._make_layer(width, layers[0])
+        self.layer2 = self._make_layer(width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(width * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(width * 8, layers[3], stride=2)
+        self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
+
+    def _make_layer(self, planes, blocks, stride=1):
+        layers = [Bottleneck(self._inplanes, planes, stride)]
+        self._inplanes = planes * Bottleneck.expansion
+        return nn.Sequential(*layers, *[Bottleneck(self._inplanes, planes) for _ in range(1, blocks)])
+
+    def forward(self, x):
+        x = self.relu1(self.bn1(self.conv1(x)))
+        x = self.relu2(self.bn2(self.conv2(x)))
+        x = self.avgpool(self.relu3(self.bn3(self.conv3(x))))  # (B, width, H / 4, W / 4)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 32 * width, H / 32, W / 32)
+        return self.attnpool(x)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
+        super().__init__()
+        self.input_resolution, self.output_dim = input_resolution, output_dim
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        scale = width ** -0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((input_resolution // patch_size) ** 2 + 1, width))
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def forward(self, x, prompts=None):
+        """prompts: None or (depth, n, D) / (depth, B, n, D). Eq. (4): prompts[0] is inserted between CLS and the
+        patches before ln_pre, with no positional embedding; prompts[i] replaces them at the input of block i."""
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, N, D): N = (H / patch) * (W / patch)
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1 + N, D)
+        if prompts is not None:
+            x = insert_prompts(x, prompts[0], replace=False)  # (B, 1 + n + N, D)
+        x = self.transformer(self.ln_pre(x), prompts[1:] if prompts is not None else ())
+        return self.ln_post(x[:, 0]) @ self.proj  # (B, E)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLIP
+
+class CLIP(nn.Module):
+    def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
+                 context_length, vocab_size, transformer_width, transformer_heads, transformer_layers):
+        super().__init__()
+        self.context_length, self.vocab_size = context_length, vocab_size
+        if isinstance(vision_layers, (tuple, list)):
+            self.visual = ModifiedResNet(vision_layers, embed_dim, vision_width * 32 // 64, image_resolution, vision_width)
+        else:
+            self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
+                                            vision_width // 64, embed_dim)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, causal=True)
+        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        self.positional_embedding = nn.Parameter(torch.randn(context_length, transformer_width) * 0.01)
+        self.ln_final = LayerNorm(transformer_width)
+        self.text_projection = nn.Parameter(torch.randn(transformer_width, embed_dim) * transformer_width ** -0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(1 / 0.07).log())
+
+    @property
+    def dtype(self):
+        return self.token_embedding.weight.dtype
+
+    def encode_image(self, image, prompts=None):
+        """image: (B, 3, H, W) -> (B, E). prompts: visual prompts for a ViT, see VisionTransformer.forward."""
+        if prompts is None:
+            return self.visual(image)
+        if not isinstance(self.visual, VisionTransformer):
+            raise CLIPError("visual prompts need a ViT image encoder (e.g. ViT-B/16); this model's is a ResNet")
+        return self.visual(image, prompts)
+
+    def encode_text(self, text, prompts=None):
+        """text: (N, L) token ids -> (N, E). prompts: None or (depth, n, D) / (depth, N, n, D) learned embeddings that
+        replace the n tokens after SOS at the input of the first `depth` layers. At layer 0 they replace word
+        embeddings and get positions 1..n, as CoOp's context (Eq. (2)); deeper ones replace the previous layer's outputs."""
+        x = self.token_embedding(text)  # (N, L, D)
+        if prompts is not None:
+            x = insert_prompts(x, prompts[0], replace=True)
+        return self.encode_token_embeddings(x, text.argmax(dim=-1), prompts[1:] if prompts is not None else ())
+
+    def encode_token_embeddings(self, x, eot, deep_prompts=()):
+        """x: (N, L, D) token embeddings (e.g. CoOp's [SOS, ctx, class, '.', EOT]); eot: (N,) EOT positions -> (N, E).
+        With a causal mask nothing after the last EOT reaches an EOT feature, so the sequence is cut there."""
+        L = int(eot.max()) + 1
+        x = x[:, :L] + self.positional_embedding[:L].to(x.dtype)  # (N, L, D)
+        x = self.transformer(x, deep_prompts)
+        x = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot])  # (N, D): the EOT token
+        return x @ self.text_projection  # (N, E)
+
+    def forward(self, image, text):
+        image_features = F.normalize(self.encode_image(image), dim=-1)
+        text_features = F.normalize(self.encode_text(text), dim=-1)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()  # (B, N)
+        return logits_per_image, logits_per_image.t()
+
+
+def build_model(state_dict):
+    """Infer every hyperparameter from the state dict's shapes (as OpenAI's build_model) -> fp32 CLIP in eval mode."""
+    sd = {k: v for k, v in state_dict.items()
+          if k not in ("input_resolution", "context_length", "vocab_size") and not k.endswith("attn_mask")}
+    count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+    try:
+        if "visual.proj" in sd:  # ViT
+            vision_width, vision_patch_size = sd["visual.conv1.weight"].shape[0], sd["visual.conv1.weight"].shape[-1]
+            vision_layers = count("visual.transformer.resblocks.")
+            image_resolution = vision_patch_size * round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+        else:  # ModifiedResNet
+            vision_layers = tuple(count(f"visual.layer{b}.") for b in (1, 2, 3, 4))
+            vision_width, vision_patch_size = sd["visual.layer1.0.conv1.weight"].shape[0], None
+            image_resolution = 32 * round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
+        model = CLIP(embed_dim=sd["text_projection"].shape[1], image_resolution=image_resolution,
+                     vision_layers=vision_layers, vision_width=vision_width, vision_patch_size=vision_patch_size,
+                     context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
+                     transformer_width=sd["ln_final.weight"].shape[0], transformer_heads=sd["ln_final.weight"].shape[0] // 64,
+                     transformer_layers=count("transformer.resblocks."))
+        model.load_state_dict({k: v.float() for k, v in sd.items()})
+    except (KeyError, RuntimeError) as e:
+        raise CLIPError(f"not a CLIP state dict ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading: official names download once (SHA256 in the URL is checked); files are TorchScript archives or state dicts
+
+_MODELS = {name: f"https://openaipublic.azureedge.net/clip/models/{sha}/{file}" for name, sha, file in [
+    ("RN50", "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762", "RN50.pt"),
+    ("RN101", "8fa8567bab74a42d41c5915025a8e4538c3bdbe8804a470a72f30b0d94fab599", "RN101.pt"),
+    ("RN50x4", "7e526bd135e493cef0776de27d5f42653e6b4c8bf9e0f653bb11773263205fdd", "RN50x4.pt"),
+    ("RN50x16", "52378b407f34354e150460fe41077663dd5b39c54cd0bfd2b27167a4a06ec9aa", "RN50x16.pt"),
+    ("RN50x64", "be1cfb55d75a9666199fb2206c106743da0f6468c9d327f3e0d0a543a9919d9c", "RN50x64.pt"),
+    ("ViT-B/32", "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af", "ViT-B-32.pt"),
+    ("ViT-B/16", "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f", "ViT-B-16.pt"),
+    ("ViT-L/14", "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836", "ViT-L-14.pt"),
+    ("ViT-L/14@336px", "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02", "ViT-L-14-336px.pt")]}
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def available_models():
+    return list(_MODELS)
+
+
+def _to_rgb(image):
+    return image.convert("RGB")
+
+
+def image_transform(n_px):
+    """CLIP's test preprocessing: bicubic resize of the short side, center crop, RGB, [0, 1], CLIP mean/std."""
+    return T.Compose([T.Resize(n_px, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(n_px), _to_rgb,
+                      T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(url, root):
+    """Download url into root once; the file is verified against the SHA256 in its URL and renamed into place."""
+    os.makedirs(root, exist_ok=True)
+    target, expected = os.path.join(root, os.path.basename(url)), url.split("/")[-2]
+    if os.path.isfile(target) and _sha256(target) == expected:
+        return target
+    print(f"downloading {url} -> {target}", file=sys.stderr)
+    partial = target + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=60) as source, open(partial, "wb") as out:
+            shutil.copyfileobj(source, out, 1 << 20)
+    except OSError as e:
+        raise CLIPError(f"could not download {url} ({e}): without network, fetch it elsewhere and copy it to {target}, "
+                        "or pass the file's path instead of the model name") from None
+    if _sha256(partial) != expected:
+        os.remove(partial)
+        raise CLIPError(f"download of {url} is incomplete or corrupt (SHA256 mismatch): run again to retry")
+    os.replace(partial, target)
+    return target
+
+
+class _ScriptObject:
+    """Stands in for a TorchScript module while unpickling its archive: holds attributes, runs no code."""
+
+
+_STORAGE_DTYPES = {"HalfStorage": torch.float16, "FloatStorage": torch.float32, "BFloat16Storage": torch.bfloat16,
+                   "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+                   "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+                   "BoolStorage": torch.bool}
+
+
+def _rebuild_tensor(storage, offset, size, stride, *unused):
+    return storage.as_strided(size, stride, offset)
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """Reads the tensors of a TorchScript archive (OpenAI's .pt files) without torch.jit and without running code."""
+
+    def __init__(self, archive, prefix):
+        super().__init__(archive.open(f"{prefix}/data.pkl"))
+        self.archive, self.prefix = archive, prefix
+
+    def find_class(self, module, name):
+        if module.startswith("__torch__"):
+            return type(name, (_ScriptObject,), {})
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) in [("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")]:
+            return _rebuild_tensor
+        if (module, name) == ("torch._utils", "_rebuild_parameter"):
+            return lambda tensor, *unused: tensor
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if module == "torch.jit._pickle":  # build_intlist, restore_type_tag, ...: plain containers
+            return lambda value, *unused: value
+        raise pickle.UnpicklingError(f"unexpected object {module}.{name}")
+
+    def persistent_load(self, pid):  # ('storage', dtype, key, location, numel)
+        _, dtype, key, _, _ = pid
+        return torch.frombuffer(bytearray(self.archive.read(f"{self.prefix}/data/{key}")), dtype=dtype)
+
+
+def _tensors(obj, prefix=""):
+    """Flatten a tree of unpickled TorchScript modules into {dotted.name: tensor}."""
+    out = {}
+    for name, value in vars(obj).items():
+        if isinstance(value, torch.Tensor):
+            out[prefix + name] = value
+        elif isinstance(value, _ScriptObject):
+            out.update(_tensors(value, f"{prefix}{name}."))
+    return out
+
+
+def read_state_dict(path):
+    """A TorchScript archive (OpenAI's release format) or a plain torch.save'd state dict -> {name: tensor}."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+                if any(name.endswith("/constants.pkl") for name in names):  # TorchScript, not torch.save
+                    prefix = names[0].split("/")[0]
+                    return _tensors(_ArchiveUnpickler(archive, prefix).load())
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file fails in many ways; all mean the same to the user
+        raise CLIPError(f"{path} is not a readable CLIP checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
+                        "delete it and download it again") from None
+    if not isinstance(state_dict, dict):
+        raise CLIPError(f"{path} holds a {type(state_dict).__name__}, not a CLIP state dict")
+    return state_dict
+
+
+def load(name, device=None, jit=False, download_root=None):
+    """Official model name (see available_models()) or checkpoint path -> (fp32 CLIP in eval mode, preprocess)."""
+    if jit:
+        raise CLIPError("jit=True is not supported: this CLIP is plain PyTorch (use jit=False)")
+    if name in _MODELS:
+        path = download(_MODELS[name], download_root or os.path.expanduser("~/.cache/clip"))
+    elif os.path.isfile(name):
+        path = name
+    else:
+        raise CLIPError(f"model {name!r} not found: use one of {available_models()} or the path of a checkpoint file")
+    state_dict = read_state_dict(path)
+    try:
+        model = build_model(state_dict)
+    except CLIPError as e:
+        raise CLIPError(f"{path}: {e}") from None
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device), image_transform(model.visual.input_resolution)

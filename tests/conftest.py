@@ -1,0 +1,60 @@
+"""Shared test fixtures: tiny randomly initialised CLIPs (ViT and ResNet) in OpenAI's real checkpoint formats."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import clip_model  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def make_tiny_clip(kind="vit", seed=0):
+    """A CLIP with OpenAI's layout at toy size: text width 64 (1 head, 2 layers), real 49,408-token vocabulary and
+    77-token context; ViT 32 px / patch 8 / width 64 / 3 layers, or ResNet width 8 / (1, 1, 1, 1) at 64 px."""
+    torch.manual_seed(seed)
+    if kind == "vit":
+        model = clip_model.CLIP(32, 32, 3, 64, 8, 77, 49408, 64, 1, 2)
+    else:
+        model = clip_model.CLIP(32, 64, (1, 1, 1, 1), 8, None, 77, 49408, 64, 1, 2)
+    return model.eval()
+
+
+def save_state_dict(model, path):
+    """A plain state dict in fp16, as OpenAI's weights are stored."""
+    torch.save({k: v.half() for k, v in model.state_dict().items()}, path)
+
+
+def save_torchscript(model, path):
+    """A TorchScript archive in fp16 (the format of OpenAI's released .pt files), made with torch.jit.trace."""
+    res = model.visual.input_resolution
+    traced = torch.jit.trace(model, (torch.zeros(1, 3, res, res), clip_model.tokenize(["a"])), check_trace=False)
+    traced.half().save(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit():
+    return make_tiny_clip("vit")
+
+
+@pytest.fixture(scope="session")
+def tiny_rn():
+    return make_tiny_clip("rn")
+
+
+@pytest.fixture(scope="session")
+def vit_checkpoint(tmp_path_factory, tiny_vit):
+    """Path of the tiny ViT CLIP saved as an fp16 TorchScript archive (load it with clip_model.load(path))."""
+    path = str(tmp_path_factory.mktemp("ckpt") / "tiny-vit.pt")
+    save_torchscript(tiny_vit, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def rn_checkpoint(tmp_path_factory, tiny_rn):
+    """Path of the tiny ResNet CLIP saved as an fp16 plain state dict."""
+    path = str(tmp_path_factory.mktemp("ckpt") / "tiny-rn.pt")
+    save_state_dict(tiny_rn, path)
+    return path
