@@ -7,6 +7,7 @@ Legend: B images, K classes, N text sequences, L tokens, D width, E embedding di
 import gzip
 import hashlib
 import html
+import http.client
 import os
 import pickle
 import shutil
@@ -25,6 +26,11 @@ from torchvision import transforms as T
 
 class CLIPError(RuntimeError):
     """A one-line, user-facing error: unknown model, missing or corrupt file, impossible option."""
+
+
+def one_line(e):
+    """'ExceptionType: first line of its message' (cut at 160 characters), for CLIPError messages."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -369,7 +375,7 @@ def build_model(state_dict):
                      transformer_layers=count("transformer.resblocks."))
         model.load_state_dict({k: v.float() for k, v in sd.items()})
     except (KeyError, RuntimeError) as e:
-        raise CLIPError(f"not a CLIP state dict ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise CLIPError(f"not a CLIP state dict ({one_line(e)})") from None
     return model.eval()
 
 
@@ -424,9 +430,11 @@ def download(url, root):
     try:
         with urllib.request.urlopen(url, timeout=60) as source, open(partial, "wb") as out:
             shutil.copyfileobj(source, out, 1 << 20)
-    except OSError as e:
-        raise CLIPError(f"could not download {url} ({e}): without network, fetch it elsewhere and copy it to {target}, "
-                        "or pass the file's path instead of the model name") from None
+    except (OSError, http.client.HTTPException) as e:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise CLIPError(f"could not download {url} ({one_line(e)}): without network, fetch it elsewhere and copy it "
+                        f"to {target}, or pass the file's path instead of the model name") from None
     if _sha256(partial) != expected:
         os.remove(partial)
         raise CLIPError(f"download of {url} is incomplete or corrupt (SHA256 mismatch): run again to retry")
@@ -497,8 +505,8 @@ def read_state_dict(path):
                     return _tensors(_ArchiveUnpickler(archive, prefix).load())
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file fails in many ways; all mean the same to the user
-        raise CLIPError(f"{path} is not a readable CLIP checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}): "
-                        "delete it and download it again") from None
+        raise CLIPError(f"{path} is not a readable CLIP checkpoint ({one_line(e)}): delete it and download it again") \
+            from None
     if not isinstance(state_dict, dict):
         raise CLIPError(f"{path} holds a {type(state_dict).__name__}, not a CLIP state dict")
     return state_dict

@@ -1,4 +1,5 @@
 """Shared test fixtures: tiny randomly initialised CLIPs (ViT and ResNet) in OpenAI's real checkpoint formats."""
+import copy
 import os
 import sys
 
@@ -30,7 +31,8 @@ def save_state_dict(model, path):
 def save_torchscript(model, path):
     """A TorchScript archive in fp16 (the format of OpenAI's released .pt files), made with torch.jit.trace."""
     res = model.visual.input_resolution
-    traced = torch.jit.trace(model, (torch.zeros(1, 3, res, res), clip_model.tokenize(["a"])), check_trace=False)
+    example = (torch.zeros(1, 3, res, res), clip_model.tokenize(["a"]))
+    traced = torch.jit.trace(copy.deepcopy(model), example, check_trace=False)  # shares (and .half() casts) weights
     traced.half().save(path)
 
 

@@ -1,0 +1,67 @@
+"""CoCoOp: conditional context optimization (Zhou et al., "Conditional Prompt Learning for Vision-Language Models",
+CVPR 2022, arXiv:2203.05557): a meta-net shifts the shared context by an image-conditional token, t_m(x) = t_m + π(x).
+UPT (arXiv:2210.07225) Eq. (2) with t_m(x) for t_m; Eq. (1): logits_bk = exp(logit_scale) · cos(z_b, ψ(T̂_k(x_b))).
+"""
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import clip_model
+
+
+def context_from_words(clip, ctx_init, n_ctx, n_ctx_default):
+    """CoOp's init from words ('_' -> space): the init's token embeddings (n, D); n is its BPE token count, and an n_ctx
+    other than the default that disagrees with it is an error (CoOp silently takes the word count)."""
+    tokens = clip_model.tokenize(ctx_init.replace("_", " ")).to(clip.logit_scale.device)  # (1, L)
+    n = int(tokens.argmax()) - 1
+    if n_ctx not in (n, n_ctx_default):
+        raise ValueError(f"n_ctx={n_ctx} disagrees with ctx_init {ctx_init!r} ({n} tokens): pass n_ctx={n}, "
+                         "or ctx_init='' for a random context")
+    with torch.no_grad():
+        return clip.token_embedding(tokens)[0, 1:1 + n].float().clone()  # (n, D)
+
+
+class CoCoOp(nn.Module):
+    """ctx (n_ctx, D) from ctx_init's words (n_ctx then = their token count) or N(0, 0.02²); meta-net
+    Linear(E, E // 16) -> ReLU -> Linear(E // 16, D) on the normalised image feature, as CoCoOp's code (default init,
+    global RNG). Text features are computed for every (image, class) pair, in chunks of at most max_sequences sequences
+    (at least one image per chunk).
+    """
+
+    def __init__(self, clip, classnames, *, n_ctx=4, ctx_init="a photo of a", max_sequences=4096):
+        super().__init__()
+        self.clip = clip.requires_grad_(False)
+        self.max_sequences = max_sequences
+        device, E, D = clip.logit_scale.device, clip.visual.output_dim, clip.ln_final.weight.shape[0]
+        if ctx_init:
+            ctx = context_from_words(clip, ctx_init, n_ctx, n_ctx_default=4)  # (n_ctx, D)
+            n_ctx, prefix = ctx.shape[0], ctx_init.replace("_", " ")
+        else:
+            ctx = nn.init.normal_(torch.empty(n_ctx, D, device=device), std=0.02)  # (n_ctx, D)
+            prefix = " ".join(["X"] * n_ctx)  # placeholders, replaced by ctx
+        self.ctx = nn.Parameter(ctx)
+        self.meta_net = nn.Sequential(OrderedDict(linear1=nn.Linear(E, E // 16), relu=nn.ReLU(inplace=True),
+                                                  linear2=nn.Linear(E // 16, D))).to(device)
+        texts = [f"{prefix} {name.replace('_', ' ')}." for name in classnames]
+        tokens = clip_model.tokenize(texts, context_length=clip.context_length).to(device)  # (K, L)
+        self.register_buffer("tokenized_prompts", tokens, persistent=False)
+
+    def forward_features(self, image_features):
+        """image_features: raw clip.encode_image output (B, E) -> logits (B, K)."""
+        K = self.tokenized_prompts.shape[0]
+        image_features = F.normalize(image_features.float(), dim=-1)  # (B, E)
+        ctx = self.ctx + self.meta_net(image_features)[:, None]  # t_m(x) = t_m + π(x): (B, n_ctx, D)
+        per_chunk = max(1, self.max_sequences // K)  # images per text-encoder call
+        logits = []
+        for img, ctx_chunk in zip(image_features.split(per_chunk), ctx.split(per_chunk)):
+            b = img.shape[0]
+            prompts = ctx_chunk.repeat_interleave(K, dim=0)[None]  # (1, b·K, n_ctx, D): image-major, class-minor
+            text = self.clip.encode_text(self.tokenized_prompts.repeat(b, 1), prompts=prompts)  # Eq. (2): (b·K, E)
+            text = F.normalize(text.float(), dim=-1).view(b, K, -1)  # (b, K, E)
+            logits.append(torch.einsum("be,bke->bk", img, text))  # (b, K)
+        return self.clip.logit_scale.exp() * torch.cat(logits)  # Eq. (1): (B, K)
+
+    def forward(self, images):
+        return self.forward_features(self.clip.encode_image(images))

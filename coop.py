@@ -1,0 +1,83 @@
+"""CoOp: context optimization (Zhou et al., "Learning to Prompt for Vision-Language Models", IJCV 2022,
+arXiv:2109.01134): a learned context t_1..t_m in the text prompt, shared or one per class (CSC); CLIP frozen.
+UPT (arXiv:2210.07225) Eq. (2): T̂ = [t_1, ..., t_m, CLASS]; Eq. (1): logits = exp(logit_scale) · cos(z, ψ(T̂_k)).
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import clip_model
+
+POSITIONS = ("end", "middle", "front")
+
+
+def context_from_words(clip, ctx_init, n_ctx, n_ctx_default):
+    """CoOp's init from words ('_' -> space): the init's token embeddings (n, D); n is its BPE token count, and an n_ctx
+    other than the default that disagrees with it is an error (CoOp silently takes the word count)."""
+    tokens = clip_model.tokenize(ctx_init.replace("_", " ")).to(clip.logit_scale.device)  # (1, L)
+    n = int(tokens.argmax()) - 1
+    if n_ctx not in (n, n_ctx_default):
+        raise ValueError(f"n_ctx={n_ctx} disagrees with ctx_init {ctx_init!r} ({n} tokens): pass n_ctx={n}, "
+                         "or ctx_init='' for a random context")
+    with torch.no_grad():
+        return clip.token_embedding(tokens)[0, 1:1 + n].float().clone()  # (n, D)
+
+
+class CoOp(nn.Module):
+    """ctx_init (e.g. "a photo of a") sets the context from those words and n_ctx from their token count; without
+    it the context is N(0, 0.02²) from the global RNG. csc: one context per class, (K, n_ctx, D); with ctx_init all
+    classes start from the same words (CoOp's code ignores csc then). class_token_position: "end", "middle", "front".
+    """
+
+    def __init__(self, clip, classnames, *, n_ctx=16, ctx_init="", csc=False, class_token_position="end"):
+        super().__init__()
+        if class_token_position not in POSITIONS:
+            raise ValueError(f"class_token_position must be one of {', '.join(POSITIONS)}; "
+                             f"got {class_token_position!r}")
+        self.clip = clip.requires_grad_(False)
+        self.class_token_position = class_token_position
+        K, D = len(classnames), clip.ln_final.weight.shape[0]
+        if ctx_init:
+            ctx = context_from_words(clip, ctx_init, n_ctx, n_ctx_default=16)  # (n_ctx, D)
+            n_ctx, prefix = ctx.shape[0], ctx_init.replace("_", " ")
+            ctx = ctx.expand(K, -1, -1).clone() if csc else ctx  # (K, n_ctx, D) or (n_ctx, D)
+        else:
+            ctx = torch.empty((K, n_ctx, D) if csc else (n_ctx, D), device=clip.logit_scale.device)
+            nn.init.normal_(ctx, std=0.02)
+            prefix = " ".join(["X"] * n_ctx)  # placeholders, replaced by ctx
+        self.ctx = nn.Parameter(ctx)
+        texts = [f"{prefix} {name.replace('_', ' ')}." for name in classnames]
+        tokens = clip_model.tokenize(texts, context_length=clip.context_length).to(clip.logit_scale.device)  # (K, L)
+        self.register_buffer("tokenized_prompts", tokens, persistent=False)  # [SOS, X..X, CLASS, ., EOT, 0..]
+        if class_token_position != "end":
+            self.register_buffer("order", self.token_order(tokens, n_ctx, class_token_position), persistent=False)
+
+    @staticmethod
+    def token_order(tokens, n_ctx, position):
+        """(K, L) gather index, built for all classes at once, that turns the end layout [SOS, ctx, CLASS, ., EOT, 0..]
+        into front [SOS, CLASS, ctx, ., EOT, 0..] or middle [SOS, ctx[:n//2], CLASS, ctx[n//2:], ., EOT, 0..]."""
+        h = 0 if position == "front" else n_ctx // 2  # context tokens kept before CLASS
+        name_lens = (tokens.argmax(-1) - n_ctx - 2)[:, None]  # (K, 1): tokens between ctx and "."
+        j = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)  # (K, L): position in the end layout
+        target = torch.where((j > h) & (j <= n_ctx), j + name_lens, j)  # ctx[h:] moves after CLASS
+        target = torch.where((j > n_ctx) & (j <= n_ctx + name_lens), j - n_ctx + h, target)  # CLASS moves to h + 1
+        return target.argsort(dim=1)  # (K, L): new position -> end-layout position
+
+    def text_features(self):
+        """-> (K, E) text features of the K prompts; they depend on ctx, so every call recomputes them."""
+        if self.class_token_position == "end":  # Eq. (2): [SOS, t_1..t_m, CLASS, ., EOT]
+            prompts = self.ctx[None]  # (1, n_ctx, D) or (1, K, n_ctx, D): replace the X placeholders
+            return self.clip.encode_text(self.tokenized_prompts, prompts=prompts)
+        x = self.clip.token_embedding(self.tokenized_prompts)  # (K, L, D)
+        x = clip_model.insert_prompts(x, self.ctx, replace=True)  # (K, L, D): end layout
+        x = x.gather(1, self.order[..., None].expand_as(x))  # (K, L, D): middle or front layout
+        return self.clip.encode_token_embeddings(x, self.tokenized_prompts.argmax(dim=-1))
+
+    def forward_features(self, image_features):
+        """image_features: raw clip.encode_image output (B, E) -> logits (B, K); text features computed once."""
+        image_features = F.normalize(image_features.float(), dim=-1)
+        text_features = F.normalize(self.text_features().float(), dim=-1)  # (K, E)
+        return self.clip.logit_scale.exp() * image_features @ text_features.t()  # Eq. (1): (B, K)
+
+    def forward(self, images):
+        return self.forward_features(self.clip.encode_image(images))

@@ -1,0 +1,284 @@
+"""ZeroShot, CoOp, CoCoOp, LinearFT and the linear probe on tiny random CLIPs: exactness against zero-shot CLIP, the
+token layouts they claim, frozen CLIP, learning on a synthetic task, chunking, random prompts, autocast, bad input."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clip_model
+import zeroshot
+from cocoop import CoCoOp
+from coop import CoOp
+from linear_ft import COSTS, LinearFT, fit_linear_probe
+from zeroshot import HANDCRAFTED, IMAGENET_TEMPLATES_SELECT, TEMPLATES, ZeroShot
+
+NAMES = ["dog", "golden_retriever", "hot air balloon", "x-ray"]  # 1, 2, 3 and 3 BPE tokens
+
+
+@pytest.fixture(params=["vit", "rn"])
+def clip(request):
+    """A private copy of a session fixture: the methods freeze it, training must not touch the shared one."""
+    return copy.deepcopy(request.getfixturevalue(f"tiny_{request.param}"))
+
+
+@pytest.fixture
+def vit(tiny_vit):
+    return copy.deepcopy(tiny_vit)
+
+
+def images_for(clip, n=6, seed=0):
+    res = clip.visual.input_resolution
+    return torch.randn(n, 3, res, res, generator=torch.Generator().manual_seed(seed))
+
+
+def encode(clip, texts):
+    with torch.no_grad():
+        return clip.encode_text(clip_model.tokenize(texts))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Exactness at initialisation
+
+def test_coop_from_words_equals_zeroshot(clip):
+    images = images_for(clip)
+    zs = ZeroShot(clip, NAMES, templates=("a photo of a {}.",))
+    coop = CoOp(clip, NAMES, ctx_init="a photo of a")
+    assert coop.ctx.shape == (4, 64)  # n_ctx taken from the init's 4 tokens, not the default 16
+    with torch.no_grad():
+        features = clip.encode_image(images)
+        for a, b in [(coop(images), zs(images)), (coop.forward_features(features), zs.forward_features(features))]:
+            assert a.shape == (6, 4)
+            assert (a - b).abs().max() <= 1e-6
+
+
+def test_linear_ft_init_equals_zeroshot(clip):
+    features = clip.encode_image(images_for(clip)).detach()
+    zs = ZeroShot(clip, NAMES, templates=("a photo of a {}, a type of pet.",))
+    lft = LinearFT(clip, NAMES, template="a photo of a {}, a type of pet.")
+    with torch.no_grad():
+        # equal up to one rounding: the weight is renormalised in forward (it is a cosine classifier)
+        torch.testing.assert_close(lft.forward_features(features), zs.forward_features(features), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lft(images_for(clip)), zs(images_for(clip)), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("position, template", [("end", "a photo of a {}."), ("middle", "a photo {} of a."),
+                                                ("front", "{} a photo of a.")])
+@pytest.mark.parametrize("csc", [False, True])
+def test_class_token_position_builds_the_claimed_sequence(vit, position, template, csc):
+    coop = CoOp(vit, NAMES, ctx_init="a_photo_of_a", csc=csc, class_token_position=position)
+    expected = encode(vit, [template.format(name.replace("_", " ")) for name in NAMES])
+    with torch.no_grad():
+        assert (coop.text_features() - expected).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+def test_class_specific_context_is_per_class(vit, position):
+    coop = CoOp(vit, NAMES, n_ctx=6, csc=True, class_token_position=position)
+    assert coop.ctx.shape == (4, 6, 64)
+    with torch.no_grad():
+        before = coop.text_features()
+        coop.ctx[1] += torch.randn(6, 64, generator=torch.Generator().manual_seed(0))  # not a constant: LN removes it
+        changed = (coop.text_features() - before).abs().amax(dim=1) > 1e-4
+    assert changed.tolist() == [False, True, False, False]
+
+
+def test_random_context_layout(vit):
+    torch.manual_seed(3)
+    coop = CoOp(vit, NAMES)
+    torch.manual_seed(3)
+    again = CoOp(vit, NAMES)
+    assert torch.equal(coop.ctx, again.ctx)  # drawn from the global RNG, which train.py seeds
+    assert coop.ctx.shape == (16, 64) and 0.017 < coop.ctx.std() < 0.023  # N(0, 0.02²)
+    assert (coop.tokenized_prompts[:, 1:17] == 343).all()  # "X X ... X {name}." placeholders
+    assert CoOp(vit, NAMES, n_ctx=8, csc=True).ctx.shape == (4, 8, 64)
+
+
+def test_bad_input_raises_one_line_errors(vit):
+    with pytest.raises(ValueError, match="end, middle, front") as e:
+        CoOp(vit, NAMES, class_token_position="start")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="n_ctx=8 disagrees"):
+        CoOp(vit, NAMES, n_ctx=8, ctx_init="a photo of a")
+    with pytest.raises(ValueError, match="n_ctx=16 disagrees"):
+        CoCoOp(vit, NAMES, n_ctx=16)  # CoCoOp's default init is 4 tokens: pass ctx_init="" for 16 random ones
+    assert CoOp(vit, NAMES, n_ctx=4, ctx_init="a photo of a").ctx.shape == (4, 64)
+    with pytest.raises(ValueError, match="random_prompt"):
+        ZeroShot(vit, NAMES, random_prompt="tokens")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training: only the method's parameters move, and they learn
+
+METHODS = {
+    "coop": (lambda c: CoOp(c, ["dog", "cat", "car", "tree"], ctx_init="a photo of a"), {"ctx"}),
+    "coop_middle": (lambda c: CoOp(c, ["dog", "cat", "car", "tree"], ctx_init="a photo of a",
+                                   class_token_position="middle"), {"ctx"}),
+    "coop_csc_front": (lambda c: CoOp(c, ["dog", "cat", "car", "tree"], n_ctx=4, csc=True,
+                                      class_token_position="front"), {"ctx"}),
+    "cocoop": (lambda c: CoCoOp(c, ["dog", "cat", "car", "tree"]),
+               {"ctx", "meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight",
+                "meta_net.linear2.bias"}),
+    "linear_ft": (lambda c: LinearFT(c, ["dog", "cat", "car", "tree"]), {"weight"}),
+}
+
+
+def synthetic_task(n_per_class=8):
+    """4 classes of 32 px images whose mean colour depends on the class."""
+    g = torch.Generator().manual_seed(0)
+    colours = torch.randn(4, 3, 1, 1, generator=g)
+    labels = torch.arange(4).repeat(n_per_class)
+    return colours[labels] + 0.5 * torch.randn(len(labels), 3, 32, 32, generator=g), labels
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_only_method_parameters_change(vit, method):
+    build, trainable = METHODS[method]
+    torch.manual_seed(0)
+    model = build(vit)
+    clip_before = {k: v.clone() for k, v in vit.state_dict().items()}
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == trainable
+    assert {k for k in model.state_dict() if not k.startswith("clip.")} == trainable  # class-name buffers not saved
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    images, labels = synthetic_task(1)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    F.cross_entropy(model(images), labels).backward()
+    optimizer.step()
+    assert all(torch.equal(v, clip_before[k]) for k, v in vit.state_dict().items())
+    assert all(p.grad is None for p in vit.parameters())
+    assert all(not torch.equal(p, before[name]) for name, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_learns_a_synthetic_task(vit, method):
+    torch.manual_seed(0)
+    model = METHODS[method][0](vit)
+    images, labels = synthetic_task()
+    with torch.no_grad():
+        features = vit.encode_image(images)  # the image path is frozen: forward(x) = forward_features(encode_image(x))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+    losses = []
+    for _ in range(30):
+        loss = F.cross_entropy(model.forward_features(features), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        logits = model(images)
+    accuracy = (logits.argmax(-1) == labels).float().mean().item()
+    assert F.cross_entropy(logits, labels).item() < 0.6 * losses[0]
+    assert accuracy >= 0.6  # chance is 0.25
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CoCoOp: batched over images x classes, chunked
+
+def test_cocoop_chunking_and_per_image_conditioning(vit):
+    torch.manual_seed(0)
+    model = CoCoOp(vit, NAMES, max_sequences=4096)
+    assert [model.meta_net.linear1.in_features, model.meta_net.linear1.out_features,
+            model.meta_net.linear2.out_features] == [32, 2, 64]  # E -> E // 16 -> D
+    with torch.no_grad():
+        features = vit.encode_image(images_for(vit, n=5))
+        full = model.forward_features(features)
+        for max_sequences in (1, 2 * len(NAMES) + 1):  # one image per chunk; two per chunk with a short last one
+            model.max_sequences = max_sequences
+            torch.testing.assert_close(model.forward_features(features), full, rtol=0, atol=1e-6)
+        # one image alone: the meta-net's matmul on 1 row rounds differently from 5 rows
+        torch.testing.assert_close(model.forward_features(features[3:4]), full[3:4], rtol=0, atol=1e-5)
+    assert not torch.allclose(full[0], full[1])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ZeroShot: ensembles, chunking, random prompts, constants
+
+def test_zeroshot_ensemble_and_chunking(vit, monkeypatch):
+    templates = IMAGENET_TEMPLATES_SELECT[:3]
+    per_template = torch.stack([F.normalize(encode(vit, [t.format(n.replace("_", " ")) for n in NAMES]), dim=-1)
+                                for t in templates])  # (T, K, E)
+    model = ZeroShot(vit, NAMES, templates=templates)
+    torch.testing.assert_close(model.text_features, F.normalize(per_template.mean(0), dim=-1), rtol=0, atol=1e-6)
+    monkeypatch.setattr(zeroshot, "TEXT_CHUNK", 5)  # 12 texts in chunks of 5, 5, 2
+    torch.testing.assert_close(ZeroShot(vit, NAMES, templates=templates).text_features, model.text_features,
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["token", "embedding"])
+def test_random_prompts_are_seeded_and_private(vit, kind):
+    rng = torch.get_rng_state()
+    make = lambda seed: ZeroShot(vit, NAMES, templates=("{}.",), random_prompt=kind, seed=seed).text_features
+    first, again, other = make(1), make(1), make(2)
+    assert torch.equal(first, again) and not torch.allclose(first, other)
+    assert torch.equal(torch.get_rng_state(), rng)  # the global RNG is untouched
+    placeholders = F.normalize(encode(vit, [f"X X X X {n.replace('_', ' ')}." for n in NAMES]), dim=-1)
+    assert not torch.allclose(first, placeholders)  # the random tokens / vectors are really in the prompt
+
+
+def test_random_token_prompt_layout(vit):
+    words = torch.randint(0, 49152, (3,), generator=torch.Generator().manual_seed(7))
+    tokens = clip_model.tokenize([f"{n.replace('_', ' ')}." for n in NAMES])  # [SOS, class, ., EOT]
+    tokens = torch.cat([tokens[:, :1], words.expand(4, 3), tokens[:, 1:-3]], dim=1)  # [SOS, r1..r3, class, ., EOT]
+    with torch.no_grad():
+        expected = F.normalize(vit.encode_text(tokens), dim=-1)
+    model = ZeroShot(vit, NAMES, templates=("{}.",), random_prompt="token", n_random=3, seed=7)
+    torch.testing.assert_close(model.text_features, expected, rtol=0, atol=1e-6)
+
+
+def test_template_constants():
+    assert len(TEMPLATES) == 15 and TEMPLATES["dtd"] == "{} texture."
+    assert TEMPLATES["eurosat"] == "a centered satellite photo of {}."
+    assert TEMPLATES["food101"] == "a photo of {}, a type of food."
+    assert TEMPLATES["ucf101"] == "a photo of a person doing {}."
+    assert TEMPLATES["imagenet_r"] == TEMPLATES["sun397"] == "a photo of a {}."
+    assert all(t.count("{}") == 1 for t in [*TEMPLATES.values(), *IMAGENET_TEMPLATES_SELECT, *HANDCRAFTED.values()])
+    assert len(IMAGENET_TEMPLATES_SELECT) == 7 and IMAGENET_TEMPLATES_SELECT[0] == "itap of a {}."
+    assert HANDCRAFTED == {"classname": "{}", "basic": "a photo of a {}.", "revised": "this is a photo of a {}.",
+                           "negative": "this is not a photo of a {}."}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Linear probe
+
+def separable_features(n_per_class, seed):
+    g = torch.Generator().manual_seed(seed)
+    means = 3 * torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(3).repeat(n_per_class)
+    return means[labels] + torch.randn(len(labels), 16, generator=g), labels
+
+
+def test_linear_probe_fits_and_selects_a_cost(vit):
+    train, val, test = separable_features(20, 1), separable_features(10, 2), separable_features(50, 3)
+    probe = fit_linear_probe(vit, *train, *val, max_iter=200)
+    assert probe.cost in COSTS and probe.val_accuracy >= 0.9
+    assert (probe.forward_features(test[0]).argmax(-1) == test[1]).float().mean() >= 0.9
+    assert probe.weight.shape == (3, 16) and probe.bias.shape == (3,)
+    default = fit_linear_probe(vit, *train, torch.zeros(0, 16), torch.zeros(0, dtype=torch.long), max_iter=200)
+    assert default.cost == 1.0 and default.val_accuracy is None  # no validation split: middle of the grid
+
+
+def test_linear_probe_classifies_images(vit):
+    features = vit.encode_image(images_for(vit, n=8)).detach()
+    labels = torch.arange(2).repeat(4)
+    probe = fit_linear_probe(vit, features, labels, features, labels, costs=(1e-2, 1e4), max_iter=100)
+    with torch.no_grad():
+        assert torch.equal(probe(images_for(vit, n=8)), probe.forward_features(features))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Mixed precision
+
+@pytest.mark.parametrize("build", [
+    lambda c: ZeroShot(c, NAMES), lambda c: CoOp(c, NAMES, class_token_position="middle", csc=True),
+    lambda c: CoCoOp(c, NAMES), lambda c: LinearFT(c, NAMES)], ids=["zeroshot", "coop", "cocoop", "linear_ft"])
+def test_autocast_bf16_matches_fp32(vit, build):
+    torch.manual_seed(0)
+    model, images = build(vit), images_for(vit)
+    with torch.no_grad():
+        reference = model(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(images)
+    torch.testing.assert_close(logits.float(), reference, rtol=0, atol=0.15)
+    if any(p.requires_grad for p in model.parameters()):
+        F.cross_entropy(logits.float(), torch.arange(6) % 4).backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,57 @@
+"""Intra-class visual variance and inter-class text variance of CLIP features (UPT App. A, Eq. (6)-(8); Fig. 1 (d)(e)).
+
+    python variance.py --dataset eurosat --root DATA [--backbone ViT-B/16] [--split test]
+Features are CLIP's (zero-shot, L2-normalised); a variance is the squared distance to the mean, summed over dimensions.
+"""
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import clip_model
+import data
+import train
+from zeroshot import TEMPLATES, ZeroShot
+
+
+def intra_class_visual_variance(features, labels):
+    """Eq. (6)-(7): Var_v = 1/k sum_c 1/|X_c| sum_{x in X_c} ||f(x) - mean_c||^2. features (N, E), labels (N,)."""
+    per_class = [((features[labels == c] - features[labels == c].mean(0)) ** 2).sum(-1).mean() for c in labels.unique()]
+    return torch.stack(per_class).mean().item()
+
+
+def inter_class_text_variance(text_features):
+    """Eq. (8): Var_t = 1/k sum_c ||w_c - mean_w||^2. text_features (K, E)."""
+    return ((text_features - text_features.mean(0)) ** 2).sum(-1).mean().item()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--root", default="DATA")
+    p.add_argument("--backbone", default="ViT-B/16")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--output-dir", default="output", help="where the image-feature cache lives")
+    args = p.parse_args(argv)
+    try:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        ds = data.load_dataset(args.dataset, args.root)
+        clip, _ = clip_model.load(args.backbone, device)
+        autocast, _, _ = train.setup_precision("amp", device)
+        items = getattr(ds, args.split)
+        transform = data.test_transform(clip.visual.input_resolution)
+        features = F.normalize(train.image_features(clip, items, transform, args, device, autocast), dim=-1)
+        labels = torch.tensor([label for _, label in items])
+        text = ZeroShot(clip, ds.classnames, templates=[TEMPLATES.get(args.dataset, "a photo of a {}.")]).text_features
+    except (data.DataError, clip_model.CLIPError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    var_v, var_t = intra_class_visual_variance(features, labels), inter_class_text_variance(text.float().cpu())
+    print(f"{args.dataset}: intra-class visual variance {var_v:.4f} | inter-class text variance {var_t:.4f}")
+    return var_v, var_t
+
+
+if __name__ == "__main__":
+    main()
