@@ -29,8 +29,8 @@ class CLIPError(RuntimeError):
 
 
 def one_line(e):
-    """'ExceptionType: first line of its message' (cut at 160 characters), for CLIPError messages."""
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+    """'ExceptionType: its message on one line' (cut at 200 characters), for CLIPError messages."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

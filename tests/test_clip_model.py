@@ -115,8 +115,8 @@ def assert_one_line(excinfo):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Fixtures: fresh tiny models and checkpoints of this module's own (conftest's save_torchscript converts the model it
-# is given to fp16 in place, so it is only ever given a copy here)
+# Fixtures: fresh tiny models and checkpoints of this module's own, independent of the session fixtures that other
+# test files may change (copies are saved, so the fp32 originals stay untouched whatever the savers do)
 
 @pytest.fixture(scope="module")
 def vit():
