@@ -175,6 +175,18 @@ def insert_prompts(x, prompts, replace):
     return torch.cat([x[:, :1], prompts.to(x.dtype).expand(N, n, x.shape[-1]), rest], dim=1)
 
 
+def context_from_words(clip, ctx_init, n_ctx, n_ctx_default):
+    """CoOp's init from words ('_' -> space): the init's token embeddings (n, D); n is its BPE token count, and an n_ctx
+    other than the default that disagrees with it is an error (CoOp silently takes the word count)."""
+    tokens = tokenize(ctx_init.replace("_", " ")).to(clip.logit_scale.device)  # (1, L)
+    n = int(tokens.argmax()) - 1
+    if n_ctx not in (n, n_ctx_default):
+        raise ValueError(f"n_ctx={n_ctx} disagrees with ctx_init {ctx_init!r} ({n} tokens): pass n_ctx={n}, "
+                         "or ctx_init='' for a random context")
+    with torch.no_grad():
+        return clip.token_embedding(tokens)[0, 1:1 + n].float().clone()  # (n, D)
+
+
 class Transformer(nn.Module):
     def __init__(self, width, layers, heads, causal=False):
         super().__init__()

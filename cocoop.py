@@ -11,18 +11,6 @@ from torch import nn
 import clip_model
 
 
-def context_from_words(clip, ctx_init, n_ctx, n_ctx_default):
-    """CoOp's init from words ('_' -> space): the init's token embeddings (n, D); n is its BPE token count, and an n_ctx
-    other than the default that disagrees with it is an error (CoOp silently takes the word count)."""
-    tokens = clip_model.tokenize(ctx_init.replace("_", " ")).to(clip.logit_scale.device)  # (1, L)
-    n = int(tokens.argmax()) - 1
-    if n_ctx not in (n, n_ctx_default):
-        raise ValueError(f"n_ctx={n_ctx} disagrees with ctx_init {ctx_init!r} ({n} tokens): pass n_ctx={n}, "
-                         "or ctx_init='' for a random context")
-    with torch.no_grad():
-        return clip.token_embedding(tokens)[0, 1:1 + n].float().clone()  # (n, D)
-
-
 class CoCoOp(nn.Module):
     """ctx (n_ctx, D) from ctx_init's words (n_ctx then = their token count) or N(0, 0.02²); meta-net
     Linear(E, E // 16) -> ReLU -> Linear(E // 16, D) on the normalised image feature, as CoCoOp's code (default init,
@@ -36,7 +24,7 @@ class CoCoOp(nn.Module):
         self.max_sequences = max_sequences
         device, E, D = clip.logit_scale.device, clip.visual.output_dim, clip.ln_final.weight.shape[0]
         if ctx_init:
-            ctx = context_from_words(clip, ctx_init, n_ctx, n_ctx_default=4)  # (n_ctx, D)
+            ctx = clip_model.context_from_words(clip, ctx_init, n_ctx, n_ctx_default=4)  # (n_ctx, D)
             n_ctx, prefix = ctx.shape[0], ctx_init.replace("_", " ")
         else:
             ctx = nn.init.normal_(torch.empty(n_ctx, D, device=device), std=0.02)  # (n_ctx, D)

@@ -11,18 +11,6 @@ import clip_model
 POSITIONS = ("end", "middle", "front")
 
 
-def context_from_words(clip, ctx_init, n_ctx, n_ctx_default):
-    """CoOp's init from words ('_' -> space): the init's token embeddings (n, D); n is its BPE token count, and an n_ctx
-    other than the default that disagrees with it is an error (CoOp silently takes the word count)."""
-    tokens = clip_model.tokenize(ctx_init.replace("_", " ")).to(clip.logit_scale.device)  # (1, L)
-    n = int(tokens.argmax()) - 1
-    if n_ctx not in (n, n_ctx_default):
-        raise ValueError(f"n_ctx={n_ctx} disagrees with ctx_init {ctx_init!r} ({n} tokens): pass n_ctx={n}, "
-                         "or ctx_init='' for a random context")
-    with torch.no_grad():
-        return clip.token_embedding(tokens)[0, 1:1 + n].float().clone()  # (n, D)
-
-
 class CoOp(nn.Module):
     """ctx_init (e.g. "a photo of a") sets the context from those words and n_ctx from their token count; without
     it the context is N(0, 0.02²) from the global RNG. csc: one context per class, (K, n_ctx, D); with ctx_init all
@@ -38,7 +26,7 @@ class CoOp(nn.Module):
         self.class_token_position = class_token_position
         K, D = len(classnames), clip.ln_final.weight.shape[0]
         if ctx_init:
-            ctx = context_from_words(clip, ctx_init, n_ctx, n_ctx_default=16)  # (n_ctx, D)
+            ctx = clip_model.context_from_words(clip, ctx_init, n_ctx, n_ctx_default=16)  # (n_ctx, D)
             n_ctx, prefix = ctx.shape[0], ctx_init.replace("_", " ")
             ctx = ctx.expand(K, -1, -1).clone() if csc else ctx  # (K, n_ctx, D) or (n_ctx, D)
         else:

@@ -75,7 +75,7 @@ def parse_args(argv=None):
     if args.method not in METHODS:
         close = difflib.get_close_matches(args.method, METHODS, n=1)
         raise RunError(f"unknown method {args.method!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                         + f"; choose from {', '.join(METHODS)}")
+                       + f"; choose from {', '.join(METHODS)}")
     if args.shots < 0 or (args.shots == 0 and args.method not in ("zeroshot",) and not args.eval_only):
         raise RunError(f"--shots must be positive (got {args.shots})")
     if args.backbone not in clip_model.available_models() and not os.path.isfile(args.backbone):
@@ -108,7 +108,7 @@ def zeroshot_templates(args):
     if args.prompt in ("randtoken", "randembed"):
         return ["{}."]
     raise RunError(f"unknown --prompt {args.prompt!r}; choose dataset, ensemble, {', '.join(HANDCRAFTED)}, "
-                     "randtoken or randembed")
+                   "randtoken or randembed")
 
 
 def build_method(args, clip, classnames):
@@ -259,7 +259,7 @@ def run(args):
         most = max(Counter(label for _, label in ds.train).values(), default=0)
         if most < args.shots:
             raise RunError(f"--shots {args.shots} is more than the {most} training images any class of "
-                             f"{args.dataset} has: use --shots {most} or fewer")
+                           f"{args.dataset} has: use --shots {most} or fewer")
     torch.manual_seed(args.seed)  # prompt initialisation; the few-shot subset has its own seeded RNG
     clip, _ = clip_model.load(args.backbone, device)
     model = build_method(args, clip, ds.classnames).to(device)
@@ -281,7 +281,7 @@ def run(args):
 
     results = []
     for name in [args.dataset] + [d for d in args.eval_datasets.split(",") if d]:
-        target = ds if name == args.dataset else data.load_dataset(name, args.root, shots=0, subsample=args.subsample)
+        target = ds if name == args.dataset else data.load_dataset(name, args.root)  # all classes, test split
         if target is not ds:
             state = restrict_to_classes(trainable_state(model), args, ds.classnames, target.classnames)
             model = build_method(args, clip, target.classnames).to(device)
