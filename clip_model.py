@@ -28,6 +28,15 @@ class CLIPError(RuntimeError):
     """A one-line, user-facing error: unknown model, missing or corrupt file, impossible option."""
 
 
+class TextTooLong(CLIPError):
+    """tokenize() got a text of n_tokens > context_length tokens (callers can name the option or class behind it)."""
+
+    def __init__(self, text, n_tokens, context_length):
+        super().__init__(f"text is {n_tokens} tokens, longer than the context length {context_length}: "
+                         f"shorten it or pass truncate=True ({text[:40]!r}...)")
+        self.text, self.n_tokens, self.context_length = text, n_tokens, context_length
+
+
 def one_line(e):
     """'ExceptionType: its message on one line' (cut at 200 characters), for CLIPError messages."""
     return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
@@ -112,8 +121,7 @@ def tokenize(texts, context_length=77, truncate=False):
         ids = [_tokenizer.sot] + _tokenizer.encode(text) + [_tokenizer.eot]
         if len(ids) > context_length:
             if not truncate:
-                raise CLIPError(f"text is {len(ids)} tokens, longer than the context length {context_length}: "
-                                f"shorten it or pass truncate=True ({text[:40]!r}...)")
+                raise TextTooLong(text, len(ids), context_length)
             ids = ids[:context_length - 1] + [_tokenizer.eot]
         result[i, :len(ids)] = torch.tensor(ids)
     return result
@@ -175,16 +183,17 @@ def insert_prompts(x, prompts, replace):
     return torch.cat([x[:, :1], prompts.to(x.dtype).expand(N, n, x.shape[-1]), rest], dim=1)
 
 
-def context_from_words(clip, ctx_init, n_ctx, n_ctx_default):
-    """CoOp's init from words ('_' -> space): the init's token embeddings (n, D); n is its BPE token count, and an n_ctx
-    other than the default that disagrees with it is an error (CoOp silently takes the word count)."""
+def context_from_words(clip, ctx_init, n_ctx=None):
+    """CoOp's init from words ('_' -> space): the embeddings (n_ctx, D) of the init's first n_ctx BPE tokens. n_ctx=None
+    takes all n of them; a smaller n_ctx leaves the rest as fixed words in the prompt (CoOp's n_ctx = word count)."""
     tokens = tokenize(ctx_init.replace("_", " ")).to(clip.logit_scale.device)  # (1, L)
     n = int(tokens.argmax()) - 1
-    if n_ctx not in (n, n_ctx_default):
-        raise ValueError(f"n_ctx={n_ctx} disagrees with ctx_init {ctx_init!r} ({n} tokens): pass n_ctx={n}, "
-                         "or ctx_init='' for a random context")
+    n_ctx = n if n_ctx is None else n_ctx
+    if not 1 <= n_ctx <= n:
+        raise ValueError(f"n_ctx={n_ctx} disagrees with ctx_init {ctx_init!r} ({n} tokens): pass n_ctx={n} (or fewer, "
+                         "to keep the rest as fixed words), or ctx_init='' for a random context")
     with torch.no_grad():
-        return clip.token_embedding(tokens)[0, 1:1 + n].float().clone()  # (n, D)
+        return clip.token_embedding(tokens)[0, 1:1 + n_ctx].float().clone()  # (n_ctx, D)
 
 
 class Transformer(nn.Module):
@@ -296,15 +305,19 @@ class VisionTransformer(nn.Module):
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
-    def forward(self, x, prompts=None):
+    def forward(self, x, prompts=None, after_ln_pre=False):
         """prompts: None or (depth, n, D) / (depth, B, n, D). Eq. (4): prompts[0] is inserted between CLS and the
-        patches before ln_pre, with no positional embedding; prompts[i] replaces them at the input of block i."""
+        patches before ln_pre (after it with after_ln_pre=True, as the UPT release's VPT-deep), with no positional
+        embedding; prompts[i] replaces them at the input of block i."""
         x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, N, D): N = (H / patch) * (W / patch)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1 + N, D)
-        if prompts is not None:
-            x = insert_prompts(x, prompts[0], replace=False)  # (B, 1 + n + N, D)
-        x = self.transformer(self.ln_pre(x), prompts[1:] if prompts is not None else ())
+        if prompts is None:
+            x = self.transformer(self.ln_pre(x))
+        elif after_ln_pre:
+            x = self.transformer(insert_prompts(self.ln_pre(x), prompts[0], replace=False), prompts[1:])
+        else:
+            x = self.transformer(self.ln_pre(insert_prompts(x, prompts[0], replace=False)), prompts[1:])
         return self.ln_post(x[:, 0]) @ self.proj  # (B, E)
 
 
@@ -333,13 +346,13 @@ class CLIP(nn.Module):
     def dtype(self):
         return self.token_embedding.weight.dtype
 
-    def encode_image(self, image, prompts=None):
+    def encode_image(self, image, prompts=None, after_ln_pre=False):
         """image: (B, 3, H, W) -> (B, E). prompts: visual prompts for a ViT, see VisionTransformer.forward."""
         if prompts is None:
             return self.visual(image)
         if not isinstance(self.visual, VisionTransformer):
             raise CLIPError("visual prompts need a ViT image encoder (e.g. ViT-B/16); this model's is a ResNet")
-        return self.visual(image, prompts)
+        return self.visual(image, prompts, after_ln_pre)
 
     def encode_text(self, text, prompts=None):
         """text: (N, L) token ids -> (N, E). prompts: None or (depth, n, D) / (depth, N, n, D) learned embeddings that
@@ -421,6 +434,11 @@ def image_transform(n_px):
     """CLIP's test preprocessing: bicubic resize of the short side, center crop, RGB, [0, 1], CLIP mean/std."""
     return T.Compose([T.Resize(n_px, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(n_px), _to_rgb,
                       T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+
+
+def weights_sha256(name):
+    """SHA256 of a model's weights: an official name's is in its URL (download() checks the file against it)."""
+    return _MODELS[name].split("/")[-2] if name in _MODELS else _sha256(name)
 
 
 def _sha256(path):

@@ -12,21 +12,24 @@ import clip_model
 
 
 class CoCoOp(nn.Module):
-    """ctx (n_ctx, D) from ctx_init's words (n_ctx then = their token count) or N(0, 0.02²); meta-net
+    """ctx (n_ctx, D) from the embeddings of ctx_init's first n_ctx BPE tokens, as CoOp (all of them when
+    n_ctx=None, so "an itap of a" learns its 5; a smaller n_ctx keeps the rest as fixed words), or n_ctx (default 4)
+    vectors from N(0, 0.02²); meta-net
     Linear(E, E // 16) -> ReLU -> Linear(E // 16, D) on the normalised image feature, as CoCoOp's code (default init,
     global RNG). Text features are computed for every (image, class) pair, in chunks of at most max_sequences sequences
     (at least one image per chunk).
     """
 
-    def __init__(self, clip, classnames, *, n_ctx=4, ctx_init="a photo of a", max_sequences=4096):
+    def __init__(self, clip, classnames, *, n_ctx=None, ctx_init="a photo of a", max_sequences=4096):
         super().__init__()
         self.clip = clip.requires_grad_(False)
         self.max_sequences = max_sequences
         device, E, D = clip.logit_scale.device, clip.visual.output_dim, clip.ln_final.weight.shape[0]
         if ctx_init:
-            ctx = clip_model.context_from_words(clip, ctx_init, n_ctx, n_ctx_default=4)  # (n_ctx, D)
+            ctx = clip_model.context_from_words(clip, ctx_init, n_ctx)  # (n_ctx, D)
             n_ctx, prefix = ctx.shape[0], ctx_init.replace("_", " ")
         else:
+            n_ctx = n_ctx or 4  # the UPT paper's m
             ctx = nn.init.normal_(torch.empty(n_ctx, D, device=device), std=0.02)  # (n_ctx, D)
             prefix = " ".join(["X"] * n_ctx)  # placeholders, replaced by ctx
         self.ctx = nn.Parameter(ctx)

@@ -12,12 +12,17 @@ POSITIONS = ("end", "middle", "front")
 
 
 class CoOp(nn.Module):
-    """ctx_init (e.g. "a photo of a") sets the context from those words and n_ctx from their token count; without
-    it the context is N(0, 0.02²) from the global RNG. csc: one context per class, (K, n_ctx, D); with ctx_init all
-    classes start from the same words (CoOp's code ignores csc then). class_token_position: "end", "middle", "front".
+    """ctx_init (e.g. "a photo of a"): ctx starts from those words' embeddings, all their BPE tokens when n_ctx=None; a
+    smaller n_ctx learns the first n_ctx tokens and keeps the rest as fixed words, CoOp's reading (its n_ctx is the word
+    count: "an itap of a" is 5 tokens, pass n_ctx=4). Otherwise ctx is n_ctx (default 16) vectors drawn from
+    N(0, 0.02²) by the global torch RNG that train.py seeds: reproducible per seed, but not the official code's draw
+    (its CLIP constructor consumes the RNG differently). csc: one context per class, (K, n_ctx, D); with ctx_init each
+    class learns its own copy of the words, while CoOp's code ignores csc (drop csc for its one shared context).
+    class_token_position: "end", "middle" or "front"; as in CoOp, a class name's length is that of the name tokenized
+    alone.
     """
 
-    def __init__(self, clip, classnames, *, n_ctx=16, ctx_init="", csc=False, class_token_position="end"):
+    def __init__(self, clip, classnames, *, n_ctx=None, ctx_init="", csc=False, class_token_position="end"):
         super().__init__()
         if class_token_position not in POSITIONS:
             raise ValueError(f"class_token_position must be one of {', '.join(POSITIONS)}; "
@@ -26,40 +31,48 @@ class CoOp(nn.Module):
         self.class_token_position = class_token_position
         K, D = len(classnames), clip.ln_final.weight.shape[0]
         if ctx_init:
-            ctx = clip_model.context_from_words(clip, ctx_init, n_ctx, n_ctx_default=16)  # (n_ctx, D)
+            ctx = clip_model.context_from_words(clip, ctx_init, n_ctx)  # (n_ctx, D)
             n_ctx, prefix = ctx.shape[0], ctx_init.replace("_", " ")
             ctx = ctx.expand(K, -1, -1).clone() if csc else ctx  # (K, n_ctx, D) or (n_ctx, D)
         else:
+            n_ctx = n_ctx or 16  # CoOp's default
             ctx = torch.empty((K, n_ctx, D) if csc else (n_ctx, D), device=clip.logit_scale.device)
             nn.init.normal_(ctx, std=0.02)
             prefix = " ".join(["X"] * n_ctx)  # placeholders, replaced by ctx
         self.ctx = nn.Parameter(ctx)
-        texts = [f"{prefix} {name.replace('_', ' ')}." for name in classnames]
+        names = [name.replace("_", " ") for name in classnames]
+        texts = [f"{prefix} {name}." for name in names]
         tokens = clip_model.tokenize(texts, context_length=clip.context_length).to(clip.logit_scale.device)  # (K, L)
         self.register_buffer("tokenized_prompts", tokens, persistent=False)  # [SOS, X..X, CLASS, ., EOT, 0..]
         if class_token_position != "end":
-            self.register_buffer("order", self.token_order(tokens, n_ctx, class_token_position), persistent=False)
+            name_lens = clip_model.tokenize(names, context_length=clip.context_length).argmax(-1) - 1  # (K,): alone
+            order = self.token_order(tokens, name_lens.to(tokens.device), n_ctx, class_token_position)
+            self.register_buffer("order", order, persistent=False)
 
     @staticmethod
-    def token_order(tokens, n_ctx, position):
+    def token_order(tokens, name_lens, n_ctx, position):
         """(K, L) gather index, built for all classes at once, that turns the end layout [SOS, ctx, CLASS, ., EOT, 0..]
-        into front [SOS, CLASS, ctx, ., EOT, 0..] or middle [SOS, ctx[:n//2], CLASS, ctx[n//2:], ., EOT, 0..]."""
+        into front [SOS, CLASS, ctx, ., EOT, 0..] or middle [SOS, ctx[:n//2], CLASS, ctx[n//2:], ., EOT, 0..].
+        CLASS = the name_lens (K,) tokens right after ctx, as CoOp slices them: a last token merged with "." ("!." of
+        "yahoo!") moves with the name; fixed init words left after ctx move first, and the name's tail stays behind."""
         h = 0 if position == "front" else n_ctx // 2  # context tokens kept before CLASS
-        name_lens = (tokens.argmax(-1) - n_ctx - 2)[:, None]  # (K, 1): tokens between ctx and "."
+        name_lens = name_lens[:, None]  # (K, 1)
         j = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)  # (K, L): position in the end layout
         target = torch.where((j > h) & (j <= n_ctx), j + name_lens, j)  # ctx[h:] moves after CLASS
         target = torch.where((j > n_ctx) & (j <= n_ctx + name_lens), j - n_ctx + h, target)  # CLASS moves to h + 1
         return target.argsort(dim=1)  # (K, L): new position -> end-layout position
+
+    def prompt_embeddings(self):
+        """-> (K, L, D) input embeddings: ctx in place of tokens 1..n_ctx (end layout), then the middle/front order."""
+        x = clip_model.insert_prompts(self.clip.token_embedding(self.tokenized_prompts), self.ctx, replace=True)
+        return x if self.class_token_position == "end" else x.gather(1, self.order[..., None].expand_as(x))
 
     def text_features(self):
         """-> (K, E) text features of the K prompts; they depend on ctx, so every call recomputes them."""
         if self.class_token_position == "end":  # Eq. (2): [SOS, t_1..t_m, CLASS, ., EOT]
             prompts = self.ctx[None]  # (1, n_ctx, D) or (1, K, n_ctx, D): replace the X placeholders
             return self.clip.encode_text(self.tokenized_prompts, prompts=prompts)
-        x = self.clip.token_embedding(self.tokenized_prompts)  # (K, L, D)
-        x = clip_model.insert_prompts(x, self.ctx, replace=True)  # (K, L, D): end layout
-        x = x.gather(1, self.order[..., None].expand_as(x))  # (K, L, D): middle or front layout
-        return self.clip.encode_token_embeddings(x, self.tokenized_prompts.argmax(dim=-1))
+        return self.clip.encode_token_embeddings(self.prompt_embeddings(), self.tokenized_prompts.argmax(dim=-1))
 
     def forward_features(self, image_features):
         """image_features: raw clip.encode_image output (B, E) -> logits (B, K); text features computed once."""

@@ -4,6 +4,7 @@ prints what train.py will see; `--list-fewshot` prints the sampled training imag
 """
 import argparse
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -37,9 +38,11 @@ class DataError(Exception):
 
 @dataclass
 class Dataset:
-    """What train.py needs: items are (absolute image path, label), and classnames[label] is the text CLIP reads."""
+    """What train.py needs: items are (absolute image path, label), classnames[label] is the text CLIP reads and
+    class_ids[label] names the class uniquely (ImageNet's names are not unique: two 'missile', two 'sunglasses')."""
     name: str
     classnames: list[str]
+    class_ids: list[str]  # the WordNet id for ImageNet and its variants, else the class name
     train: list[tuple[str, int]]  # the few-shot subset when shots > 0; empty for the test-only ImageNet variants
     val: list[tuple[str, int]]    # min(shots, 4) per class when shots > 0; empty for ImageNet (CoOp evaluates on test)
     test: list[tuple[str, int]]
@@ -47,7 +50,8 @@ class Dataset:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Readers of CoOp's layouts. Each takes (dataset folder d, its image folder, a seeded random.Random) and returns
-# train, val, test as lists of (absolute path, label, classname), in the order CoOp lists them.
+# train, val, test as lists of (absolute path, label, classname), in the order CoOp lists them; the readers of
+# ImageNet and its variants add the class's wnid: (absolute path, label, classname, wnid).
 
 def listdir(path, dirs):
     """Sorted non-hidden sub-folders (dirs=True) or files (dirs=False): Dassl's listdir_nohidden, sorted on every OS."""
@@ -61,11 +65,33 @@ def read_lines(path, hint):
         return [line.strip() for line in f if line.strip()]
 
 
+def bad_line(file, line, why):
+    return DataError(f"{file}: line '{line}' {why}: damaged or mismatched files? (layouts: {COOP_DATASETS_MD})")
+
+
+def split_entry_ok(entry):
+    return (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str) and type(entry[1]) is int
+            and entry[1] >= 0 and isinstance(entry[2], str))
+
+
 def read_split_json(path, image_dir):
     """CoOp's split_zhou_<Name>.json: {"train"|"val"|"test": [[path relative to image_dir, label, classname], ...]}."""
-    with open(path) as f:
-        split = json.load(f)
-    return [[(os.path.join(image_dir, p), int(y), c) for p, y, c in split[s]] for s in ("train", "val", "test")]
+    fix = f"download it again from CoOp's DATASETS.md ({COOP_DATASETS_MD})"
+    try:
+        with open(path, encoding="utf-8") as f:
+            split = json.load(f)
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+        raise DataError(f"{path} is not valid JSON ({e}): {fix}") from None
+    if not isinstance(split, dict):
+        raise DataError(f"{path} holds a JSON {type(split).__name__}, not {{\"train\", \"val\", \"test\"}}: {fix}")
+    for s in ("train", "val", "test"):
+        if not isinstance(split.get(s), list):
+            raise DataError(f"{path} has no \"{s}\" list: {fix}")
+        for k, entry in enumerate(split[s]):
+            if not split_entry_ok(entry):
+                raise DataError(f"{path}: \"{s}\"[{k}] is {json.dumps(entry)[:80]}, not [path, label >= 0, "
+                                f"classname]: {fix}")
+    return [[(os.path.join(image_dir, p), y, c) for p, y, c in split[s]] for s in ("train", "val", "test")]
 
 
 def split_class_folders(d, image_dir, rng, ignored=(), renames={}, p_train=0.5, p_val=0.2):
@@ -100,20 +126,28 @@ def read_pets(d, image_dir, rng):
     hint = f"get annotations.tar.gz (robots.ox.ac.uk/~vgg/data/pets) or split_zhou_OxfordPets.json ({COOP_DATASETS_MD})"
 
     def read(file):  # "Abyssinian_100 1 1 1": image, 1-based class id, species, breed id; class = lowercased breed
-        return [(os.path.join(image_dir, image + ".jpg"), int(label) - 1, image.rsplit("_", 1)[0].lower())
-                for image, label, *_ in map(str.split, read_lines(os.path.join(d, "annotations", file), hint))]
+        path, items = os.path.join(d, "annotations", file), []
+        for line in read_lines(path, hint):
+            image, label = (line.split() + ["", ""])[:2]
+            if not label.isdigit() or int(label) < 1:
+                raise bad_line(path, line, "is not '<image> <class id from 1> <species> <breed id>'")
+            items.append((os.path.join(image_dir, image + ".jpg"), int(label) - 1, image.rsplit("_", 1)[0].lower()))
+        return items
     train, val = split_trainval(read("trainval.txt"), rng)
     return train, val, read("test.txt")
 
 
 def read_sun397(d, image_dir, rng):
     hint = f"get Partitions.zip (vision.princeton.edu/projects/2010/SUN) or split_zhou_SUN397.json ({COOP_DATASETS_MD})"
-    label_of = {c[1:]: i for i, c in enumerate(read_lines(os.path.join(d, "ClassName.txt"), hint))}  # "/a/abbey"
+    class_file = os.path.join(d, "ClassName.txt")
+    label_of = {c[1:]: i for i, c in enumerate(read_lines(class_file, hint))}  # "/a/abbey"
 
     def read(file):  # "/a/apartment_building/outdoor/sun_x.jpg" -> class "outdoor apartment_building"
         items = []
         for line in read_lines(os.path.join(d, file), hint):
             c = os.path.dirname(line[1:])
+            if c not in label_of:
+                raise bad_line(os.path.join(d, file), line, f"has class '/{c}', not in {class_file}")
             items.append((os.path.join(image_dir, line[1:]), label_of[c], " ".join(c.split("/")[1:][::-1])))
         return items
     train, val = split_trainval(read("Training_01.txt"), rng)
@@ -123,13 +157,20 @@ def read_sun397(d, image_dir, rng):
 def read_ucf101(d, image_dir, rng):
     hint = f"get UCF101's ucfTrainTestlist/ or split_zhou_UCF101.json ({COOP_DATASETS_MD})"
     lists = os.path.join(d, "ucfTrainTestlist")
-    class_ind = read_lines(os.path.join(lists, "classInd.txt"), hint)  # "1 ApplyEyeMakeup"
-    label_of = {action: int(y) - 1 for y, action in map(str.split, class_ind)}
+    class_file = os.path.join(lists, "classInd.txt")
+    label_of = {}
+    for line in read_lines(class_file, hint):  # "1 ApplyEyeMakeup"
+        y, action = (line.split() + ["", ""])[:2]
+        if not y.isdigit() or int(y) < 1 or not action:
+            raise bad_line(class_file, line, "is not '<class id from 1> <Action>'")
+        label_of[action] = int(y) - 1
 
     def read(file):  # "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1" -> UCF-101-midframes/Apply_Eye_Makeup/<video>.jpg
         items = []
         for line in read_lines(os.path.join(lists, file), hint):
-            action, video = line.split()[0].split("/")
+            action, _, video = line.split()[0].partition("/")
+            if action not in label_of or not video:
+                raise bad_line(os.path.join(lists, file), line, f"has action '{action}', not in {class_file}")
             folder = "_".join(re.findall("[A-Z][^A-Z]*", action))
             items.append((os.path.join(image_dir, folder, video.replace(".avi", ".jpg")), label_of[action], folder))
         return items
@@ -140,11 +181,17 @@ def read_ucf101(d, image_dir, rng):
 def read_aircraft(d, image_dir, rng):
     """FGVCAircraft's own split: label = line of variants.txt, images_variant_<split>.txt = "1025794 707-320" lines."""
     hint = "fgvc_aircraft/ is the data/ folder of fgvc-aircraft-2013b.tar.gz (robots.ox.ac.uk/~vgg/data/fgvc-aircraft)"
-    label_of = {v: i for i, v in enumerate(read_lines(os.path.join(d, "variants.txt"), hint))}
+    variants = os.path.join(d, "variants.txt")
+    label_of = {v: i for i, v in enumerate(read_lines(variants, hint))}
 
     def read(split):
-        pairs = [line.split(" ", 1) for line in read_lines(os.path.join(d, f"images_variant_{split}.txt"), hint)]
-        return [(os.path.join(image_dir, image + ".jpg"), label_of[variant], variant) for image, variant in pairs]
+        path, items = os.path.join(d, f"images_variant_{split}.txt"), []
+        for line in read_lines(path, hint):
+            image, _, variant = line.partition(" ")
+            if variant not in label_of:
+                raise bad_line(path, line, f"has variant '{variant}', not in {variants}")
+            items.append((os.path.join(image_dir, image + ".jpg"), label_of[variant], variant))
+        return items
     return read("train"), read("val"), read("test")
 
 
@@ -162,7 +209,7 @@ def read_wnid_folders(image_dir, names):
     for wnid in wnids:
         if wnid not in names:
             raise DataError(f"{os.path.join(image_dir, wnid)} is not an ImageNet class folder (no such wnid)")
-    return [(os.path.join(image_dir, wnid, f), label, names[wnid])
+    return [(os.path.join(image_dir, wnid, f), label, names[wnid], wnid)
             for label, wnid in enumerate(wnids) for f in listdir(os.path.join(image_dir, wnid), dirs=False)]
 
 
@@ -184,9 +231,9 @@ def read_imagenet_test_set(d, image_dir, rng):  # ImageNet-Sketch (1000 classes)
     return [], [], read_wnid_folders(image_dir, imagenet_names(d))
 
 
-def read_imagenetv2(d, image_dir, rng):  # <0..999>/: label = folder number, name = that line of classnames.txt
-    names = list(imagenet_names(d).values())
-    return [], [], [(os.path.join(image_dir, str(y), f), y, names[y])
+def read_imagenetv2(d, image_dir, rng):  # <0..999>/: label = folder number, wnid and name = that line of classnames.txt
+    wnids, names = zip(*imagenet_names(d).items())
+    return [], [], [(os.path.join(image_dir, str(y), f), y, names[y], wnids[y])
                     for y in sorted(map(int, listdir(image_dir, dirs=True)))
                     for f in listdir(os.path.join(image_dir, str(y)), dirs=False)]
 
@@ -195,7 +242,13 @@ def read_custom_folder(path):
     """`folder:/path`: train/<class>/*, test/<class>/* and optional val/<class>/*; classes = sorted train folders."""
     if not (os.path.isdir(os.path.join(path, "train")) and os.path.isdir(os.path.join(path, "test"))):
         raise DataError(f"{path} needs train/<class>/ and test/<class>/ image folders (val/<class>/ is optional)")
-    label_of = {c: i for i, c in enumerate(listdir(os.path.join(path, "train"), dirs=True))}
+    train_dir = os.path.join(path, "train")
+    label_of = {c: i for i, c in enumerate(listdir(train_dir, dirs=True))}
+    if len(label_of) < 2:
+        raise DataError(f"{path} needs at least 2 classes: {train_dir} holds {len(label_of)} <class>/ folder(s)")
+    for c in label_of:
+        if not listdir(os.path.join(train_dir, c), dirs=False):
+            raise DataError(f"{os.path.join(train_dir, c)} holds no images: add some or remove the class folder")
 
     def read(split):
         split_dir = os.path.join(path, split)
@@ -294,9 +347,6 @@ def read_coop_dataset(name, root, download, log):
             log(f"warning: {split} not found: splitting the raw files as CoOp does (seed {RAW_SPLIT_SEED}); results "
                 f"are NOT comparable with published numbers (the split file is linked in {COOP_DATASETS_MD})")
         train, val, test = spec["read"](d, image_dir, random.Random(RAW_SPLIT_SEED))
-    for path, *_ in (items[0] for items in (train, test) if items):
-        if not os.path.isfile(path):
-            raise DataError(f"{name}: image {path} is missing: is {image_dir} the layout of {spec['get']}?")
     return train, val, test
 
 
@@ -311,17 +361,31 @@ def sample_fewshot(items, shots, rng):
     return [x for group in by_label.values() for x in (rng.sample(group, shots) if len(group) >= shots else group)]
 
 
-def subsample_classes(subsample, classnames, *splits):
-    """CoCoOp's base-to-new split: base = the first ceil(n/2) labels of the train set, new = the rest; relabelled."""
+def subsample_classes(subsample, *splits):
+    """CoCoOp's base-to-new split: base = the first ceil(n/2) labels of the train set, new = the rest. Returns the
+    kept old labels (new label = position in it) and the splits keeping only those, relabelled."""
     labels = sorted({y for _, y in splits[0] or splits[-1]})  # test-only sets: the test labels
     m = math.ceil(len(labels) / 2)
-    new_label = {y: i for i, y in enumerate(labels[:m] if subsample == "base" else labels[m:])}
-    return [classnames[y] for y in new_label], *[[(p, new_label[y]) for p, y in s if y in new_label] for s in splits]
+    kept = labels[:m] if subsample == "base" else labels[m:]
+    new_label = {y: i for i, y in enumerate(kept)}
+    return kept, *[[(p, new_label[y]) for p, y in s if y in new_label] for s in splits]
 
 
-def load_dataset(name, root, shots=0, seed=1, subsample="all", download=False, log=print):
+def check_images_exist(name, splits):
+    """Every image of every split is a file, else one error naming the first missing one (stat in threads)."""
+    for split, items in splits.items():
+        missing = [path for (path, _), ok in zip(items, threaded(os.path.isfile, [p for p, _ in items])) if not ok]
+        if missing:
+            raise DataError(f"{name}: {len(missing)} of the {len(items)} {split} images are missing, the first is "
+                            f"{missing[0]}: incomplete download, or files not in CoOp's layout? "
+                            f"(layouts: {COOP_DATASETS_MD})")
+
+
+def load_dataset(name, root, shots=0, seed=1, subsample="all", download=False, check_splits=("train", "val", "test"),
+                 log=print):
     """Read `name` (a DATASETS key or "folder:/path") under `root`; take Dassl's few-shot subset for (shots, seed)
-    (shots=0: everything), then keep the base or new half of the classes (subsample="base"/"new")."""
+    (shots=0: everything), then keep the base or new half of the classes (subsample="base"/"new"). check_splits: the
+    splits whose every image must exist (one stat each), so that a missing file stops a run before any work."""
     if shots < 0:
         raise DataError(f"shots must be >= 1 (or 0 for the full training set), got {shots}")
     if subsample not in ("all", "base", "new"):
@@ -330,26 +394,36 @@ def load_dataset(name, root, shots=0, seed=1, subsample="all", download=False, l
         train, val, test = read_custom_folder(os.path.abspath(name.removeprefix("folder:")))
     else:
         train, val, test = read_coop_dataset(name, root, download, log)
-    names = {}
-    for _, label, classname in train + val + test:
-        names.setdefault(label, classname)
+    names = {}  # label -> (classname, wnid or None)
+    for _, label, classname, *wnid in train + val + test:
+        names.setdefault(label, (classname, wnid[0] if wnid else None))
     if not names:
         raise DataError(f"{name}: no images found")
     missing = sorted(set(range(max(names) + 1)) - set(names))
     if missing:
         raise DataError(f"{name}: no image has label {missing[0]} ({len(missing)} of 0..{max(names)} missing): "
                         "incomplete download or split file?")
-    classnames = [names[y].replace("_", " ") for y in range(len(names))]  # CoOp's prompt learner also replaces "_"
-    train, val, test = ([(path, label) for path, label, _ in items] for items in (train, val, test))
+    if not test:
+        raise DataError(f"{name}: the test split is empty, nothing to evaluate: check its split file or test/ folder")
+    untrained = sorted(set(names) - {item[1] for item in train}) if train else []
+    if untrained:
+        raise DataError(f"{name}: class {untrained[0]} ('{names[untrained[0]][0]}') has no training images "
+                        f"({len(untrained)} of {len(names)} classes have none): incomplete download or split file?")
+    classnames = [names[y][0].replace("_", " ") for y in range(len(names))]  # CoOp's prompt learner also replaces "_"
+    class_ids = [names[y][1] or classnames[y] for y in range(len(names))]  # the wnid, else the class name
+    train, val, test = ([item[:2] for item in items] for items in (train, val, test))  # -> (path, label)
     if shots > 0:  # one private stream seeded once, train then val, as Dassl does after random.seed(seed)
         rng = random.Random(seed)
         train = sample_fewshot(train, shots, rng)
         val = sample_fewshot(val, min(shots, 4), rng)
     if subsample != "all":
-        classnames, train, val, test = subsample_classes(subsample, classnames, train, val, test)
+        kept, train, val, test = subsample_classes(subsample, train, val, test)
+        classnames, class_ids = [classnames[y] for y in kept], [class_ids[y] for y in kept]
+    check_images_exist(name, {split: items for split, items in [("train", train), ("val", val), ("test", test)]
+                              if split in check_splits})
     log(f"{name}: {len(classnames)} classes, train {len(train)} / val {len(val)} / test {len(test)} images "
         f"(shots={shots}, seed={seed}, subsample={subsample})")
-    return Dataset(name, classnames, train, val, test)
+    return Dataset(name, classnames, class_ids, train, val, test)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -366,12 +440,24 @@ def test_transform(n_px):
     return image_transform(n_px)
 
 
+def transform_key(transform):
+    """repr(transform) without memory addresses ('<function _to_rgb at 0x7f..>' -> '<function _to_rgb>'): the same
+    text in every process, for cache keys."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform))
+
+
+def bomb_error(path, e):
+    return DataError(f"cannot read image {path}: {e} If the image is genuine, raise PIL.Image.MAX_IMAGE_PIXELS")
+
+
 def load_image(path):
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except OSError as e:  # also PIL.UnidentifiedImageError and truncated files
         raise DataError(f"cannot read image {path}: {e}") from None
+    except Image.DecompressionBombError as e:  # more than 2 * MAX_IMAGE_PIXELS pixels; not an OSError
+        raise bomb_error(path, e) from None
 
 
 def rgb_bytes(path):
@@ -381,6 +467,8 @@ def rgb_bytes(path):
             return image.width * image.height * 3
     except OSError:
         return 0
+    except Image.DecompressionBombError as e:
+        raise bomb_error(path, e) from None
 
 
 def threaded(fn, paths):
@@ -390,7 +478,7 @@ def threaded(fn, paths):
 
 class ImageList(torch.utils.data.Dataset):
     """(path, label) items -> (image (3, n_px, n_px), label); `images`: decoded in advance, else read every time.
-    A key (i, seed) from SeededShuffle runs the random transform under its own seed."""
+    A key (i, seed) from EpochSampler runs the random transform under its own seed."""
 
     def __init__(self, items, transform, images=None):
         self.items, self.transform, self.images = items, transform, images
@@ -409,36 +497,62 @@ class ImageList(torch.utils.data.Dataset):
             return self.transform(image), label
 
 
-class SeededShuffle(torch.utils.data.Sampler):
-    """Each epoch, a permutation and one augmentation seed per image, drawn from the torch RNG of the main process:
-    an epoch is fixed by the RNG state at its start, whatever the number of workers (so --resume is exact)."""
+def stable_hash(*parts):
+    """A 63-bit integer from the parts' text, the same on every platform and in every process (unlike hash())."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
-    def __init__(self, n):
-        self.n = n
+
+def augmentation_seed(seed, epoch, index):
+    """The torch seed under which image `index` is augmented in `epoch`, in [0, 2**63)."""
+    return stable_hash(seed, epoch, index)
+
+
+def epoch_order(n, seed, epoch):
+    """The order in which the training loader visits the n images in `epoch`: a permutation fixed by (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(stable_hash(seed, epoch))).tolist()
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Keys (index, augmentation_seed(seed, epoch, index)) in epoch_order (shuffle=True) or in index order: an epoch
+    is a pure function of (seed, epoch), whatever the workers or the global RNG. Call set_epoch(epoch) before each."""
+
+    def __init__(self, n, seed, shuffle):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
 
     def __len__(self):
         return self.n
 
     def __iter__(self):
-        return zip(torch.randperm(self.n).tolist(), torch.randint(2 ** 62, (self.n,)).tolist())
+        order = epoch_order(self.n, self.seed, self.epoch) if self.shuffle else range(self.n)
+        return ((i, augmentation_seed(self.seed, self.epoch, i)) for i in order)
 
 
-def make_loader(items, transform, batch_size, *, train, workers=4, cache_images=None, log=print):
-    """train=True: shuffled with seeded augmentation (SeededShuffle), drop_last when there is at least one full batch (Dassl). train=False: in order, so features
-    computed once can be cached by index. cache_images: decode every image once, before the workers fork (None = for
-    training sets that fit CACHE_BUDGET); transforms then see exactly the images decoded from disk."""
+def make_loader(items, transform, batch_size, *, train, seed=None, workers=4, cache_images=None, log=print):
+    """Batches (images (B, 3, n_px, n_px), labels (B,)) of (path, label) items; call loader.sampler.set_epoch(epoch)
+    before each epoch when `seed` is given. train=True: epoch_order, image i augmented under
+    augmentation_seed(seed, epoch, i), drop_last when there is at least one full batch (Dassl). train=False, seed=s:
+    the same augmented images in index order, none dropped (features of a training epoch, by index). train=False,
+    seed=None: in order, plain. The global torch RNG is never read. cache_images: decode every image once, before the
+    workers fork (None = for seeded loaders that fit CACHE_BUDGET); transforms then see the images decoded from disk."""
     if train and not items:
         raise DataError("no training images: this dataset is test-only")
-    if cache_images is None and train:
+    if train and seed is None:
+        raise ValueError("make_loader(train=True) needs a seed: an epoch's order and augmentation derive from it")
+    if cache_images is None and seed is not None:
         size = sum(threaded(rgb_bytes, [path for path, _ in items]))
         cache_images = size <= CACHE_BUDGET
         log(f"{len(items)} training images, {size / 2**30:.2f} GiB decoded: " + ("decoded once into RAM" if cache_images
             else f"read from disk every epoch (over the {CACHE_BUDGET / 2**30:.0f} GiB CACHE_BUDGET)"))
     images = threaded(load_image, [path for path, _ in items]) if cache_images else None
     return torch.utils.data.DataLoader(ImageList(items, transform, images), batch_size=batch_size,
-                                       sampler=SeededShuffle(len(items)) if train else None,
+                                       sampler=EpochSampler(len(items), seed, train) if seed is not None else None,
                                        drop_last=train and len(items) >= batch_size, num_workers=workers,
-                                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+                                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                                       generator=torch.Generator().manual_seed(0))  # its base seed: not global
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -457,6 +571,8 @@ def main():
                         help="print the training images in order, one 'relative/path label' a line")
     args = parser.parse_args()
     try:
+        if args.n_px < 1:
+            raise DataError(f"--n-px must be a positive resolution in pixels (e.g. 224), got {args.n_px}")
         data = load_dataset(args.dataset, args.root, args.shots, args.seed, args.subsample, args.download,
                             log=partial(print, file=sys.stderr) if args.list_fewshot else print)
     except DataError as e:

@@ -112,8 +112,14 @@ class UPT(nn.Module):
         text, visual = self.theta(self.prompts).split(self.n_ctx, dim=1)  # Û = {Û_t, Û_v}: 2 x (depth, n, D)
         return text, self.proj(visual)  # (depth, n, D), (depth, n, Dv)
 
-    def forward(self, images):
+    def prepare(self):
+        """What does not depend on the image: -> visual prompts and normalised text features (K, E). Evaluation
+        computes it once and passes it to forward for every batch."""
         text_prompts, visual_prompts = self.prompt_pair()
         text_features = F.normalize(self.clip.encode_text(self.tokens, text_prompts), dim=-1)  # Eq. (2): (K, E)
+        return visual_prompts, text_features
+
+    def forward(self, images, prepared=None):
+        visual_prompts, text_features = self.prepare() if prepared is None else prepared
         image_features = F.normalize(self.clip.encode_image(images, visual_prompts), dim=-1)  # Eq. (4): (B, E)
         return self.clip.logit_scale.exp() * image_features @ text_features.t()  # Eq. (1): (B, K)

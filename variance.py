@@ -4,6 +4,7 @@
 Features are CLIP's (zero-shot, L2-normalised); a variance is the squared distance to the mean, summed over dimensions.
 """
 import argparse
+import os
 import sys
 
 import torch
@@ -28,28 +29,34 @@ def inter_class_text_variance(text_features):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--root", default="DATA")
-    p.add_argument("--backbone", default="ViT-B/16")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--output-dir", default="output", help="where the image-feature cache lives")
+    p.add_argument("--dataset", required=True, help="CoOp dataset name (e.g. eurosat) or folder:/path")
+    p.add_argument("--root", default="DATA", help="folder holding the datasets ($DATA)")
+    p.add_argument("--backbone", default="ViT-B/16", help="OpenAI model name or checkpoint path")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="images whose variance is taken")
+    p.add_argument("--workers", type=int, default=4, help="data loading processes")
+    p.add_argument("--output-dir", default="output", help="the image-feature cache and results.jsonl live here")
     args = p.parse_args(argv)
     try:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        ds = data.load_dataset(args.dataset, args.root)
+        ds = data.load_dataset(args.dataset, args.root, check_splits=(args.split,))
+        items = getattr(ds, args.split)
+        if not items:
+            raise data.DataError(f"{args.dataset}'s {args.split} split is empty: pick another --split")
         clip, _ = clip_model.load(args.backbone, device)
         autocast, _, _ = train.setup_precision("amp", device)
-        items = getattr(ds, args.split)
         transform = data.test_transform(clip.visual.input_resolution)
-        features = F.normalize(train.image_features(clip, items, transform, args, device, autocast), dim=-1)
+        features = F.normalize(train.image_features(clip, items, transform, args, device, autocast).float(), dim=-1)
         labels = torch.tensor([label for _, label in items])
-        text = ZeroShot(clip, ds.classnames, templates=[TEMPLATES.get(args.dataset, "a photo of a {}.")]).text_features
-    except (data.DataError, clip_model.CLIPError) as e:
+        template = TEMPLATES.get(args.dataset, "a photo of a {}.")
+        text = ZeroShot(clip, ds.classnames, templates=[template]).text_features
+        var_v, var_t = intra_class_visual_variance(features, labels), inter_class_text_variance(text.float().cpu())
+        print(f"{args.dataset}: intra-class visual variance {var_v:.4f} | inter-class text variance {var_t:.4f}")
+        train.append_rows(os.path.join(args.output_dir, "results.jsonl"), [dict(
+            kind="variance", dataset=args.dataset, backbone=args.backbone, split=args.split, var_v=var_v, var_t=var_t,
+            template=template, images=len(items), classes=len(ds.classnames), git=train.git_commit())])
+    except (data.DataError, clip_model.CLIPError, train.RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    var_v, var_t = intra_class_visual_variance(features, labels), inter_class_text_variance(text.float().cpu())
-    print(f"{args.dataset}: intra-class visual variance {var_v:.4f} | inter-class text variance {var_t:.4f}")
     return var_v, var_t
 
 

@@ -1,10 +1,12 @@
-"""Shared test fixtures: tiny randomly initialised CLIPs (ViT and ResNet) in OpenAI's real checkpoint formats."""
+"""Shared test fixtures: tiny randomly initialised CLIPs (ViT and ResNet) in OpenAI's real checkpoint formats, a tiny
+folder dataset, and train.py command lines that pass each method only the options it reads."""
 import copy
 import os
 import sys
 
 import pytest
 import torch
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import clip_model  # noqa: E402
@@ -60,3 +62,39 @@ def rn_checkpoint(tmp_path_factory, tiny_rn):
     path = str(tmp_path_factory.mktemp("ckpt") / "tiny-rn.pt")
     save_state_dict(tiny_rn, path)
     return path
+
+
+COLOURS = {"red_apple": (220, 30, 30), "green_leaf": (30, 200, 40), "blue_sky": (40, 60, 230)}
+
+
+def write_colour_folder(root, counts=(("train", 6), ("test", 4)), colours=COLOURS, size=(48, 32)):
+    """A folder:<root> dataset of classes told apart by colour (noisy images, PNG); -> "folder:<root>"."""
+    g = torch.Generator().manual_seed(0)
+    for split, count in counts:
+        for name, rgb in colours.items():
+            os.makedirs(os.path.join(root, split, name), exist_ok=True)
+            for i in range(count):
+                noise = torch.randint(-40, 40, (size[1], size[0], 3), generator=g)
+                pixels = (torch.tensor(rgb) + noise).clamp(0, 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(os.path.join(root, split, name, f"{i}.png"))
+    return f"folder:{root}"
+
+
+@pytest.fixture(scope="session")
+def folder(tmp_path_factory):
+    """folder:<path> dataset: 3 classes told apart by colour; 6 train and 4 test images each (48 x 32 px)."""
+    return write_colour_folder(str(tmp_path_factory.mktemp("tiny_folder")))
+
+
+def train_argv(method, dataset, backbone, out, **options):
+    """A train.py command line with small settings, each passed only to a method that reads it (train.USED_BY)."""
+    import train
+    small = dict(shots=4, epochs=2, batch_size=4, lr=0.01)
+    argv = ["--method", method, "--dataset", dataset, "--backbone", backbone, "--output-dir", str(out),
+            "--workers", "0"]
+    for key, value in {**small, **options}.items():
+        if key in train.USED_BY and method not in train.USED_BY[key] and key in small:
+            continue
+        flag = "--" + key.replace("_", "-")
+        argv += [flag] if value is True else [flag, str(value)]
+    return argv

@@ -111,12 +111,23 @@ def test_fewshot_depends_on_seed_and_is_repeatable(dtd_root):
     assert a != b and a == load_dataset("dtd", dtd_root, shots=2, seed=1, log=quiet).train
 
 
-def test_list_fewshot_identical_across_processes(dtd_root):
-    cmd = [sys.executable, os.path.join(ROOT, "data.py"), "--dataset", "dtd", "--root", dtd_root,
-           "--shots", "4", "--seed", "2", "--list-fewshot"]
+@pytest.fixture(scope="module")
+def fresh_process(dtd_root):
+    """One new interpreter with another hash seed (imports cost seconds) for all that must not depend on the process:
+    its stderr starts with a JSON line [transform_key(test_transform(224)), transform_key(train_transform(224))],
+    then data.py's command line runs with --list-fewshot."""
+    code = ("import json, sys, data; print(json.dumps([data.transform_key(data.test_transform(224)), "
+            "data.transform_key(data.train_transform(224))]), file=sys.stderr); data.main()")
+    cmd = [sys.executable, "-c", code, "--dataset", "dtd", "--root", dtd_root, "--shots", "4", "--seed", "2",
+           "--list-fewshot"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120,
-                         env={**os.environ, "PYTHONHASHSEED": "123"})  # another process, other hash seed
+                         env={**os.environ, "PYTHONHASHSEED": "123"})
     assert out.returncode == 0, out.stderr
+    return out
+
+
+def test_list_fewshot_identical_across_processes(dtd_root, fresh_process):
+    out = fresh_process
     expected = [f"{os.path.relpath(p, os.path.join(dtd_root, 'dtd'))} {y}"
                 for p, y in load_dataset("dtd", dtd_root, shots=4, seed=2, log=quiet).train]
     assert out.stdout.splitlines() == expected and expected[0].startswith("images/zigzagged/")
@@ -128,6 +139,7 @@ def test_base_new_relabelling(dtd_root):
     base = load_dataset("dtd", dtd_root, shots=4, seed=1, subsample="base", log=quiet)
     new = load_dataset("dtd", dtd_root, shots=4, seed=1, subsample="new", log=quiet)
     assert base.classnames == ["banded", "blotchy"] and new.classnames == ["zigzagged"]  # ceil(3/2) = 2 base classes
+    assert (full.class_ids, base.class_ids, new.class_ids) == (full.classnames, base.classnames, new.classnames)
     for split in ("train", "val", "test"):  # subsampled after sampling, from the same few-shot subset
         items = getattr(full, split)
         assert getattr(base, split) == [(p, y) for p, y in items if y < 2]
@@ -242,6 +254,7 @@ def test_every_split_file_layout_loads(tmp_path, name):
 # ImageNet and its test-only variants
 
 WNIDS = ["n01443537", "n01440764", "n12267677"]  # goldfish, tench, acorn (created unsorted)
+SUNGLASSES = ["n04355933", "n04356056"]  # ImageNet labels 836 and 837, both named "sunglasses"
 
 
 def test_imagenet_builtin_names():
@@ -249,6 +262,21 @@ def test_imagenet_builtin_names():
     assert data.IMAGENET_WNIDS == sorted(data.IMAGENET_WNIDS)
     assert data.IMAGENET_CLASSNAMES[:3] == ["tench", "goldfish", "great white shark"]
     assert data.IMAGENET_CLASSNAMES[data.IMAGENET_WNIDS.index("n02123045")] == "tabby cat"
+    assert [data.IMAGENET_WNIDS.index(w) for w in SUNGLASSES] == [836, 837]
+    assert data.IMAGENET_CLASSNAMES[836] == data.IMAGENET_CLASSNAMES[837] == "sunglasses"
+
+
+def test_imagenet_class_ids_tell_duplicate_names_apart(tmp_path):
+    images = os.path.join(tmp_path, "imagenet", "images")
+    write_images([os.path.join(images, s, w, f"{i}.JPEG") for s in ("train", "val") for w in WNIDS + SUNGLASSES
+                  for i in range(2)])
+    ds = load_dataset("imagenet", str(tmp_path), log=quiet)
+    assert ds.classnames == ["tench", "goldfish", "sunglasses", "sunglasses", "acorn"]
+    assert ds.class_ids == ["n01440764", "n01443537", *SUNGLASSES, "n12267677"]  # the wnid folders, label order
+    base = load_dataset("imagenet", str(tmp_path), subsample="base", log=quiet)  # ceil(5/2) = 3 base classes
+    new = load_dataset("imagenet", str(tmp_path), subsample="new", log=quiet)
+    assert base.class_ids == ds.class_ids[:3] and base.classnames == ds.classnames[:3]
+    assert new.class_ids == [SUNGLASSES[1], "n12267677"] and new.classnames == ["sunglasses", "acorn"]
 
 
 def test_imagenet(tmp_path):
@@ -282,6 +310,7 @@ def test_imagenet_wnid_test_sets(tmp_path, name, folder, images):
     ds = load_dataset(name, str(tmp_path), shots=16, seed=1, log=quiet)
     assert ds.classnames == ["tench", "goldfish", "acorn"]  # own labels 0..k-1 over the sorted wnid folders
     assert ds.train == [] and ds.val == [] and [y for _, y in ds.test] == [0, 0, 1, 1, 2, 2]
+    assert ds.class_ids == sorted(WNIDS)  # their folders' wnids
 
 
 def test_imagenetv2(tmp_path):
@@ -293,8 +322,14 @@ def test_imagenetv2(tmp_path):
     ds = load_dataset("imagenetv2", str(tmp_path), log=quiet)
     assert [y for _, y in ds.test[:5]] == [0, 0, 1, 1, 2] and ds.test[-1][1] == 999  # label = folder number
     assert ds.classnames == data.IMAGENET_CLASSNAMES
+    assert ds.class_ids == data.IMAGENET_WNIDS and ds.class_ids[836:838] == SUNGLASSES  # ImageNet's id of each label
     new = load_dataset("imagenetv2", str(tmp_path), subsample="new", log=quiet)  # base/new from the test labels
     assert new.classnames == data.IMAGENET_CLASSNAMES[500:] and (new.test[0][1], new.test[-1][1]) == (0, 499)
+    assert new.class_ids == data.IMAGENET_WNIDS[500:]
+    names = [f"{w} class {i}" for i, w in enumerate(data.IMAGENET_WNIDS[::-1])]  # classnames.txt: its order rules
+    write_lines(os.path.join(tmp_path, "imagenetv2", "classnames.txt"), names)
+    ds = load_dataset("imagenetv2", str(tmp_path), log=quiet)
+    assert ds.class_ids == data.IMAGENET_WNIDS[::-1] and ds.classnames[:2] == ["class 0", "class 1"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -326,39 +361,108 @@ def test_transforms_shapes_and_normalisation():
     assert "RandomResizedCrop" in repr(train_transform(32)) and "scale=(0.08, 1.0)" in repr(train_transform(32))
 
 
-def test_loader_batches_and_cache_equality(dtd_root):
-    items = load_dataset("dtd", dtd_root, shots=4, seed=1, log=quiet).train  # 4 + 3 + 4 = 11 images
+@pytest.fixture(scope="module")
+def noise_items(tmp_path_factory):
+    """11 images of random pixels (so that every crop and flip shows), each labelled with its index: the labels of a
+    batch say which items it holds."""
+    folder = tmp_path_factory.mktemp("noise")
+    items = [(os.path.join(folder, f"{i}.png"), i) for i in range(11)]
+    for path, i in items:
+        Image.frombytes("RGB", (12, 12), random.Random(i).randbytes(12 * 12 * 3)).save(path)
+    return items
+
+
+def run_epochs(loader, epochs, global_seeds):
+    """[[(images, labels) per batch] per epoch], with the global torch RNG seeded to something else before each epoch;
+    asserts that loading leaves the global RNG as it found it."""
+    out = []
+    for epoch, global_seed in zip(epochs, global_seeds):
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        loader.sampler.set_epoch(epoch)
+        out.append([(x, y) for x, y in loader])
+        assert torch.equal(torch.get_rng_state(), state)  # neither read nor advanced
+    return out
+
+
+def same_batches(a, b):
+    return len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+
+
+def test_loader_batches_and_cache_equality(noise_items):
     logs = []
-    cached = make_loader(items, train_transform(16), 4, train=True, workers=0, log=logs.append)
+    cached = make_loader(noise_items, train_transform(8), 4, train=True, seed=5, workers=0, log=logs.append)
     assert cached.dataset.images is not None and "decoded once into RAM" in logs[0]
-    disk = make_loader(items, train_transform(16), 4, train=True, workers=0, cache_images=False)
+    disk = make_loader(noise_items, train_transform(8), 4, train=True, seed=5, workers=0, cache_images=False)
     assert disk.dataset.images is None
-    torch.manual_seed(0)
-    a = [(x, y) for x, y in cached]
-    torch.manual_seed(0)
-    b = [(x, y) for x, y in disk]
-    assert len(a) == 2 and a[0][0].shape == (4, 3, 16, 16)  # drop_last: 11 // 4
-    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
-    small = make_loader(items, train_transform(16), 32, train=True, workers=0, cache_images=False)
-    assert len(small) == 1  # fewer images than a batch: keep them (Dassl)
-    test = make_loader(items, data.test_transform(16), 4, train=False, workers=0)
-    assert test.dataset.images is None and [y for _, ys in test for y in ys.tolist()] == [y for _, y in items]
+    a, b = run_epochs(cached, [0], [0])[0], run_epochs(disk, [0], [1])[0]
+    assert len(a) == 2 and a[0][0].shape == (4, 3, 8, 8) and same_batches(a, b)  # drop_last: 11 // 4
+    seeded = make_loader(noise_items, train_transform(8), 4, train=False, seed=5, workers=0, log=quiet)
+    assert seeded.dataset.images is not None  # any seeded loader is decoded once
+    test = make_loader(noise_items, data.test_transform(8), 4, train=False, workers=0)
+    assert test.dataset.images is None and [ys.tolist() for _, ys in test] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]
+    with pytest.raises(ValueError, match="needs a seed"):
+        make_loader(noise_items, train_transform(8), 4, train=True, workers=0)
 
 
+def test_epochs_are_pure_functions_of_seed_and_epoch_whatever_the_workers(noise_items):
+    """Epochs 0 and 1 are the same batches, bit for bit, with 0, 1 or 2 workers and whatever the global RNG holds
+    (it is seeded differently before every epoch of every run), which it leaves untouched."""
+    runs = []
+    for workers in (0, 1, 2):
+        loader = make_loader(noise_items, train_transform(8), 4, train=True, seed=5, workers=workers, log=quiet)
+        runs.append(run_epochs(loader, [0, 1], [10 * workers, 10 * workers + 1]))
+    for run in runs[1:]:
+        assert same_batches(run[0], runs[0][0]) and same_batches(run[1], runs[0][1])
 
-def test_train_epochs_are_fixed_by_the_rng_whatever_the_workers(dtd_root):
-    """SeededShuffle: the same torch seed gives the same order and augmentation with 0 or 2 workers (exact resume);
-    the caller's RNG is advanced only by the sampler, not by the per-image transforms."""
-    items = load_dataset("dtd", dtd_root, shots=4, seed=1, log=quiet).train
 
-    def epoch(workers, seed=0):
-        torch.manual_seed(seed)
-        batches = list(make_loader(items, train_transform(16), 4, train=True, workers=workers, cache_images=False))
-        return torch.cat([x.flatten() for x, _ in batches]), torch.cat([y for _, y in batches]), torch.rand(1)
+def test_order_and_augmentation_change_with_epoch_and_seed(noise_items):
+    assert data.augmentation_seed(1, 0, 0) == 9176422400804903422  # blake2b: the same on every platform and Python
+    seeds = {data.augmentation_seed(s, e, i) for s in (5, 6) for e in (0, 1) for i in range(11)}
+    assert len(seeds) == 44 and all(0 <= x < 2**63 for x in seeds)
+    order = data.epoch_order(11, 5, 0)
+    assert sorted(order) == list(range(11)) and order == data.epoch_order(11, 5, 0)
+    assert order != data.epoch_order(11, 5, 1) and order != data.epoch_order(11, 6, 0)
 
-    same, two_workers, other_seed = epoch(0), epoch(2), epoch(0, seed=1)
-    assert all(torch.equal(u, v) for u, v in zip(same, two_workers))
-    assert not torch.equal(same[0], other_seed[0])
+    def images(seed, epoch):  # (11, 3, 8, 8) in index order
+        loader = make_loader(noise_items, train_transform(8), 11, train=False, seed=seed, workers=0, log=quiet)
+        loader.sampler.set_epoch(epoch)
+        return next(iter(loader))[0]
+    x = images(5, 0)
+    assert torch.equal(x, images(5, 0))
+    for other in (images(5, 1), images(6, 0)):  # every image augmented differently
+        assert (x != other).flatten(1).any(1).all()
+
+
+def test_seeded_eval_loader_yields_the_training_images_by_index(noise_items):
+    """train=False, seed=s: item i is, bit for bit, the image the train loader yields for item i in that epoch."""
+    train = make_loader(noise_items, train_transform(8), 4, train=True, seed=5, workers=0, log=quiet)
+    by_index = make_loader(noise_items, train_transform(8), 4, train=False, seed=5, workers=2, log=quiet)
+    for epoch in (0, 1):
+        (batches,), (indexed,) = run_epochs(train, [epoch], [0]), run_epochs(by_index, [epoch], [1])
+        x_train = torch.cat([x for x, _ in batches])  # (8, 3, 8, 8): items epoch_order[:8], the last 3 dropped
+        x_all, y_all = (torch.cat(t) for t in zip(*indexed))  # (11, 3, 8, 8), (11,): every item, in index order
+        assert y_all.tolist() == list(range(11))
+        assert torch.equal(x_train, x_all[data.epoch_order(11, 5, epoch)[:8]])
+
+
+def test_batches_are_chunks_of_epoch_order_with_dassl_drop_last(noise_items):
+    order = data.epoch_order(11, 5, 3)
+    for batch_size, expected in ((4, [order[:4], order[4:8]]), (11, [order]), (32, [order])):  # 32 > 11: keep all
+        loader = make_loader(noise_items, train_transform(8), batch_size, train=True, seed=5, workers=0, log=quiet)
+        loader.sampler.set_epoch(3)
+        assert [ys.tolist() for _, ys in loader] == expected
+    loader = make_loader(noise_items, train_transform(8), 4, train=False, seed=5, workers=0, log=quiet)
+    loader.sampler.set_epoch(3)
+    assert [ys.tolist() for _, ys in loader] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10]]  # in order, none dropped
+
+
+def test_transform_key_is_the_same_in_every_process(fresh_process):
+    keys = [data.transform_key(data.test_transform(224)), data.transform_key(data.train_transform(224))]
+    assert json.loads(fresh_process.stderr.splitlines()[0]) == keys
+    assert "<function _to_rgb>" in keys[0] and " at 0x" not in keys[0] + keys[1]
+    assert data.transform_key(data.test_transform(32)) != keys[0]
+    assert data.transform_key(data.train_transform(32)) != keys[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -401,7 +505,126 @@ def test_corrupt_images_are_named(tmp_path, dtd_root):
             list(make_loader(items, data.test_transform(8), 4, train=False, workers=workers))
         assert str(e.value).startswith(f"cannot read image {bad}") and "\n" not in str(e.value)
     with pytest.raises(DataError, match=f"cannot read image {bad}"):
-        make_loader(items, train_transform(8), 2, train=True, workers=0, log=quiet)  # decoded up front
+        make_loader(items, train_transform(8), 2, train=True, seed=1, workers=0, log=quiet)  # decoded up front
+
+
+def load_error(*args, **kwargs):
+    """The DataError load_dataset raises, checked to be one line."""
+    with pytest.raises(DataError) as e:
+        load_dataset(*args, log=quiet, **kwargs)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def write_split(root, split, images=True):
+    """A DTD split file (paths relative to dtd/images/) and, if asked, its images."""
+    os.makedirs(os.path.join(root, "dtd", "images"), exist_ok=True)
+    path = os.path.join(root, "dtd", "split_zhou_DescribableTextures.json")
+    with open(path, "w") as f:
+        f.write(split if isinstance(split, str) else json.dumps(split))
+    if images:
+        write_images([os.path.join(root, "dtd", "images", e[0]) for s in split.values() for e in s])
+    return path
+
+
+def small_split(n=4):
+    return {s: [[f"c{y}/{s}{i}.jpg", y, f"c{y}"] for y in range(2) for i in range(n)] for s in ("train", "val", "test")}
+
+
+def test_every_returned_image_is_checked(tmp_path):
+    root, split = str(tmp_path), small_split()
+    write_split(root, split)
+    image = os.path.join(root, "dtd", "images", "c1", "test{}.jpg")
+    os.remove(image.format(2)), os.remove(image.format(3))  # neither is the first test image (all CoOp checked)
+    msg = load_error("dtd", root)
+    assert msg.startswith(f"dtd: 2 of the 8 test images are missing, the first is {image.format(2)}: ")
+    assert len(load_dataset("dtd", root, check_splits=(), log=quiet).test) == 8
+    assert len(load_dataset("dtd", root, check_splits=("train", "val"), log=quiet).test) == 8  # test unchecked
+    one_shot = load_dataset("dtd", root, shots=1, check_splits=(), log=quiet).train
+    for path, _ in set(load_dataset("dtd", root, check_splits=(), log=quiet).train) - set(one_shot):
+        os.remove(path)  # images outside the few-shot subset are not needed
+    write_images([image.format(2), image.format(3)])
+    assert load_dataset("dtd", root, shots=1, log=quiet).train == one_shot
+    assert "dtd: 6 of the 8 train images are missing" in load_error("dtd", root)
+
+
+@pytest.mark.parametrize("content,expected", [
+    ("{not json", "is not valid JSON"),
+    ([["a.jpg", 0, "a"]], "holds a JSON list"),
+    ({"train": [], "test": []}, 'has no "val" list'),
+    ({"train": [["c0/a.jpg", 0, "c0"], ["c0/b.jpg", "1", "c0"]], "val": [], "test": []}, '"train"[1] is ["c0/b.jpg"'),
+    ({"train": [], "val": [], "test": [["c0/a.jpg", 0]]}, '"test"[0] is ["c0/a.jpg", 0], not [path, label'),
+    ({"train": [], "val": [], "test": [["c0/a.jpg", -1, "c0"]]}, '"test"[0] is'),
+])
+def test_malformed_split_file(tmp_path, content, expected):
+    path = write_split(str(tmp_path), json.dumps(content) if not isinstance(content, str) else content, images=False)
+    msg = load_error("dtd", str(tmp_path))
+    assert msg.startswith(path) and expected in msg and "DATASETS.md" in msg
+
+
+def test_empty_test_split_and_untrained_class(tmp_path):
+    split = small_split()
+    write_split(str(tmp_path), {**split, "test": []})
+    assert load_error("dtd", str(tmp_path)).startswith("dtd: the test split is empty")
+    write_split(str(tmp_path), {**split, "train": split["train"][:4]})  # class 1 in val and test only
+    assert load_error("dtd", str(tmp_path)).startswith("dtd: class 1 ('c1') has no training images")
+
+
+def write_raw(d, files, images):
+    for name, lines in files.items():
+        write_lines(os.path.join(d, name), lines)
+    write_images([os.path.join(d, images, "x.jpg")])
+
+
+@pytest.mark.parametrize("name,files,images,bad,expected", [
+    ("fgvc_aircraft", {"variants.txt": ["707-320", "A300B4"], "images_variant_train.txt": ["1 707-320", "2 A380"]},
+     "images", "images_variant_train.txt", "line '2 A380' has variant 'A380', not in "),
+    ("oxford_pets", {"annotations/trainval.txt": ["Abyssinian_1 1 1 1", "Abyssinian_2 one 1 1"]}, "images",
+     "annotations/trainval.txt", "line 'Abyssinian_2 one 1 1' is not"),
+    ("sun397", {"ClassName.txt": ["/a/abbey"], "Training_01.txt": ["/a/abbey/sun_1.jpg", "/b/bar/sun_2.jpg"]},
+     "SUN397", "Training_01.txt", "line '/b/bar/sun_2.jpg' has class '/b/bar', not in "),
+    ("ucf101", {"ucfTrainTestlist/classInd.txt": ["1 Archery"],
+                "ucfTrainTestlist/trainlist01.txt": ["Archery/v_Archery_g01_c01.avi 1",
+                                                     "Bowling/v_Bowling_g01_c01.avi 2"]},
+     "UCF-101-midframes", "ucfTrainTestlist/trainlist01.txt",
+     "line 'Bowling/v_Bowling_g01_c01.avi 2' has action 'Bowling', not in "),
+])
+def test_raw_files_with_unknown_classes(tmp_path, name, files, images, bad, expected):
+    d = os.path.join(tmp_path, data.DATASETS[name]["folder"])
+    write_raw(d, files, images)
+    msg = load_error(name, str(tmp_path))
+    assert msg.startswith(f"{os.path.join(d, bad)}: {expected}")
+
+
+def test_custom_folder_errors(tmp_path):
+    write_images([os.path.join(tmp_path, s, "cat", "0.png") for s in ("train", "test")])
+    assert "needs at least 2 classes" in load_error(f"folder:{tmp_path}", None)
+    os.makedirs(os.path.join(tmp_path, "train", "zebra"))  # the last class: labels used to come from the images
+    write_images([os.path.join(tmp_path, "test", "zebra", "0.png")])
+    msg = load_error(f"folder:{tmp_path}", None)
+    assert msg.startswith(f"{os.path.join(tmp_path, 'train', 'zebra')} holds no images")
+
+
+def test_decompression_bombs_are_named(tmp_path, monkeypatch):
+    path = os.path.join(tmp_path, "bomb.png")
+    write_images([path])  # 64 pixels, over 2 * MAX_IMAGE_PIXELS below: PIL raises DecompressionBombError
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    for fn in (data.load_image, data.rgb_bytes):
+        with pytest.raises(DataError, match=f"cannot read image {path}: .*MAX_IMAGE_PIXELS") as e:
+            fn(path)
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("args,expected", [(["--n-px", "0"], "--n-px must be a positive"),
+                                           (["--n-px", "-32"], "--n-px must be a positive"),
+                                           (["--shots", "-1"], "shots must be >= 1"),
+                                           (["--subsample", "old"], "subsample must be all, base or new")])
+def test_cli_rejects_bad_arguments(dtd_root, monkeypatch, capsys, args, expected):
+    monkeypatch.setattr(sys, "argv", ["data.py", "--dataset", "dtd", "--root", dtd_root, *args])
+    with pytest.raises(SystemExit) as e:
+        data.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {expected}") and err.count("\n") == 1
 
 
 def test_cli_summary_and_error_exit(dtd_root, tmp_path, monkeypatch, capsys):

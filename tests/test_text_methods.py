@@ -72,6 +72,82 @@ def test_class_token_position_builds_the_claimed_sequence(vit, position, templat
         assert (coop.text_features() - expected).abs().max() <= 1e-6
 
 
+def coop_reference(clip, classnames, ctx, ctx_init, position):
+    """CoOp's PromptLearner (trainers/coop.py), class by class as its code does: name_len from the name alone, prefix
+    (SOS) and suffix sliced from the embedded "<ctx_init or X..X> name." -> (K, L, D) embeddings and (K, L) tokens."""
+    names = [name.replace("_", " ") for name in classnames]
+    n_ctx = ctx.shape[-2]
+    tokenizer = clip_model.Tokenizer()
+    name_lens = [len(tokenizer.encode(name)) for name in names]
+    prompt_prefix = ctx_init.replace("_", " ") or " ".join(["X"] * n_ctx)
+    tokens = clip_model.tokenize([prompt_prefix + " " + name + "." for name in names])  # (K, L)
+    with torch.no_grad():
+        embedding = clip.token_embedding(tokens)  # (K, L, D)
+    token_prefix, token_suffix = embedding[:, :1], embedding[:, 1 + n_ctx:]
+    ctx = ctx.expand(len(names), -1, -1) if ctx.dim() == 2 else ctx  # (K, n_ctx, D)
+    prompts = []
+    for i, name_len in enumerate(name_lens):
+        prefix, suffix, ctx_i = token_prefix[i:i + 1], token_suffix[i:i + 1], ctx[i:i + 1]
+        class_i, rest = suffix[:, :name_len], suffix[:, name_len:]
+        if position == "end":
+            prompts.append(torch.cat([prefix, ctx_i, suffix], dim=1))
+        elif position == "middle":
+            half = n_ctx // 2
+            prompts.append(torch.cat([prefix, ctx_i[:, :half], class_i, ctx_i[:, half:], rest], dim=1))
+        else:
+            prompts.append(torch.cat([prefix, class_i, ctx_i, rest], dim=1))
+    return torch.cat(prompts), tokens
+
+
+def coop_text_encoder(clip, prompts, tokens):
+    """CoOp's TextEncoder: all L positions, the EOT row -> (K, E)."""
+    with torch.no_grad():
+        x = clip.ln_final(clip.transformer(prompts + clip.positional_embedding))  # (K, L, D)
+        return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ clip.text_projection
+
+
+# names whose last character merges with the prompt's "." into one BPE token: ")." and "!."
+PUNCTUATED = ["kite (bird of prey)", "cherimoya (custard apple)", "yahoo!", "golden_retriever"]
+
+
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+@pytest.mark.parametrize("csc", [False, True])
+@pytest.mark.parametrize("n_ctx, ctx_init", [(5, ""), (4, "an itap of a")])  # 4 of the init's 5 tokens learned
+def test_coop_layout_equals_coops_prompt_learner(vit, position, csc, n_ctx, ctx_init):
+    torch.manual_seed(0)
+    coop = CoOp(vit, PUNCTUATED, n_ctx=n_ctx, ctx_init=ctx_init, csc=csc, class_token_position=position)
+    with torch.no_grad():
+        coop.ctx += 0.1 * torch.randn_like(coop.ctx)  # as if trained: distinct from the words they replace
+    prompts, tokens = coop_reference(vit, PUNCTUATED, coop.ctx.detach(), ctx_init, position)
+    expected = coop_text_encoder(vit, prompts, tokens)
+    with torch.no_grad():
+        assert ((coop.text_features() - expected).norm(dim=-1) / expected.norm(dim=-1)).max() <= 1e-6
+        assert torch.equal(coop.prompt_embeddings(), prompts)
+    assert torch.equal(coop.tokenized_prompts, tokens)
+
+
+def test_coop_learns_the_first_n_ctx_init_tokens(vit):
+    """CoOp's reading of a 4-word, 5-token init: n_ctx = 4 learned tokens, the 5th ("a") stays a fixed word."""
+    tokens = clip_model.tokenize("an itap of a")  # [SOS, an, it, ap, of, a, EOT]
+    coop = CoOp(vit, PUNCTUATED, n_ctx=4, ctx_init="an itap of a")
+    with torch.no_grad():
+        assert torch.equal(coop.ctx, vit.token_embedding(tokens)[0, 1:5])  # (4, D)
+        zs_tokens = clip_model.tokenize([f"an itap of a {name.replace('_', ' ')}." for name in PUNCTUATED])
+        assert torch.equal(coop.prompt_embeddings(), vit.token_embedding(zs_tokens))  # token for token
+        assert (coop.text_features() - vit.encode_text(zs_tokens)).abs().max() <= 1e-6
+    assert CoOp(vit, PUNCTUATED, ctx_init="an itap of a").ctx.shape == (5, 64)  # default: all 5 tokens learned
+    assert CoCoOp(vit, PUNCTUATED, ctx_init="an itap of a").ctx.shape == (5, 64)
+    assert CoCoOp(vit, PUNCTUATED, n_ctx=4, ctx_init="an itap of a").ctx.shape == (4, 64)  # its default is no sentinel
+    cocoop = CoCoOp(vit, PUNCTUATED, n_ctx=3, ctx_init="an itap of a")  # the same reading in CoCoOp
+    zs = ZeroShot(vit, PUNCTUATED, templates=("an itap of a {}.",))
+    with torch.no_grad():
+        assert torch.equal(cocoop.ctx, vit.token_embedding(tokens)[0, 1:4])  # (3, D): "of a" stay fixed words
+        for p in cocoop.meta_net.linear2.parameters():
+            p.zero_()  # π(x) = 0
+        features = vit.encode_image(images_for(vit))
+        assert (cocoop.forward_features(features) - zs.forward_features(features)).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("position", ["end", "middle", "front"])
 def test_class_specific_context_is_per_class(vit, position):
     coop = CoOp(vit, NAMES, n_ctx=6, csc=True, class_token_position=position)
@@ -102,6 +178,8 @@ def test_bad_input_raises_one_line_errors(vit):
         CoOp(vit, NAMES, n_ctx=8, ctx_init="a photo of a")
     with pytest.raises(ValueError, match="n_ctx=16 disagrees"):
         CoCoOp(vit, NAMES, n_ctx=16)  # CoCoOp's default init is 4 tokens: pass ctx_init="" for 16 random ones
+    assert CoCoOp(vit, NAMES, n_ctx=16, ctx_init="").ctx.shape == (16, 64)
+    assert CoOp(vit, NAMES).ctx.shape == (16, 64) and CoCoOp(vit, NAMES, ctx_init="").ctx.shape == (4, 64)
     assert CoOp(vit, NAMES, n_ctx=4, ctx_init="a photo of a").ctx.shape == (4, 64)
     with pytest.raises(ValueError, match="random_prompt"):
         ZeroShot(vit, NAMES, random_prompt="tokens")

@@ -1,4 +1,5 @@
-"""train.py end to end on a tiny image folder and a tiny real-format CLIP: every method, resume, eval-only, bad input."""
+"""train.py end to end on a tiny image folder and a tiny real-format CLIP: every method, resume, eval-only, base-to-new,
+the command line."""
 import json
 import os
 import subprocess
@@ -6,33 +7,15 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
 
 import train
+from conftest import train_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COLOURS = {"red_apple": (220, 30, 30), "green_leaf": (30, 200, 40), "blue_sky": (40, 60, 230)}
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """folder:<path> dataset: 3 classes told apart by colour; 6 train and 4 test images each (32 x 48 px)."""
-    root = tmp_path_factory.mktemp("tiny_folder")
-    g = torch.Generator().manual_seed(0)
-    for split, count in [("train", 6), ("test", 4)]:
-        for name, rgb in COLOURS.items():
-            os.makedirs(root / split / name)
-            for i in range(count):
-                noise = torch.randint(-40, 40, (32, 48, 3), generator=g)
-                pixels = (torch.tensor(rgb) + noise).clamp(0, 255).to(torch.uint8).numpy()
-                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
-    return f"folder:{root}"
-
-
-def run(folder, checkpoint, out, *extra):
-    argv = ["--dataset", folder, "--backbone", checkpoint, "--output-dir", str(out), "--shots", "4", "--epochs", "2",
-            "--batch-size", "4", "--workers", "0", "--lr", "0.01", *extra]
-    return train.run(train.parse_args(argv))
+def run(method, folder, checkpoint, out, **options):
+    return train.run(train.parse_args(train_argv(method, folder, checkpoint, out, **options)))
 
 
 def read_results(out):
@@ -40,58 +23,81 @@ def read_results(out):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("method", ["zeroshot", "coop", "cocoop", "vpt_shallow", "vpt_deep", "upt", "upt_joint",
-                                    "upt_shared", "upt_mlp", "linear_ft", "linear_probe"])
+def checkpoint_of(out):
+    [path] = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs if f == "checkpoint.pt"]
+    return path
+
+
+@pytest.mark.parametrize("method", train.METHODS)
 def test_every_method_trains_and_reports(method, folder, vit_checkpoint, tmp_path):
-    results = run(folder, vit_checkpoint, tmp_path, "--method", method)
-    line = read_results(tmp_path)[-1]
-    assert line == results[-1]
-    assert line["method"] == method and line["shots"] == 4 and line["seed"] == 1
-    assert 0 <= line["accuracy"] <= 100 and 0 <= line["macro_f1"] <= 100
-    assert (line["trainable_params"] == 0) == (method == "zeroshot")
+    results = run(method, folder, vit_checkpoint, tmp_path)
+    row = read_results(tmp_path)[-1]
+    assert row == results[-1]
+    assert set(train.IDENTITY) < set(row) and row["run_id"] == train.run_id({k: row[k] for k in train.IDENTITY} |
+                                                                              {"dataset": row["train_dataset"],
+                                                                               "subsample": row["train_subsample"]})
+    assert row["method"] == method and row["git"] and row["precision_used"] == "fp32"
+    assert (row["shots"], row["seed"], row["epochs"]) == ((None, None, None) if method == "zeroshot" else
+                                                          (4, 1, None) if method == "linear_probe" else (4, 1, 2))
+    assert 0 <= row["accuracy"] <= 100 and 0 <= row["macro_f1"] <= 100
+    assert (row["trainable_params"] == 0) == (method == "zeroshot")
+    assert row["train_from"] == ("feature bank" if method in ("coop", "cocoop", "linear_ft") else
+                                 "images" if method in train.PROMPTED else None)
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(folder, vit_checkpoint, tmp_path, monkeypatch):
-    full = run(folder, vit_checkpoint, tmp_path / "full", "--method", "upt", "--epochs", "3")
+    full = run("upt", folder, vit_checkpoint, tmp_path / "full", epochs=3)
     saves, save = [], train.save_atomic
 
     def interrupt_after_two_epochs(obj, path):
         save(obj, path)
         saves.append(path)
-        if path.endswith("checkpoint.pt") and len([s for s in saves if s.endswith("checkpoint.pt")]) == 2:
+        if len(saves) == 2:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "save_atomic", interrupt_after_two_epochs)
-    with pytest.raises(KeyboardInterrupt):
-        run(folder, vit_checkpoint, tmp_path / "cut", "--method", "upt", "--epochs", "3")
+    with pytest.raises(train.Interrupted, match=r"holds epoch 2; add --resume to the same command"):
+        run("upt", folder, vit_checkpoint, tmp_path / "cut", epochs=3)
     monkeypatch.setattr(train, "save_atomic", save)
-    resumed = run(folder, vit_checkpoint, tmp_path / "cut", "--method", "upt", "--epochs", "3", "--resume")
-    assert resumed[-1]["accuracy"] == full[-1]["accuracy"]
-    [a] = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "full") for f in fs if f == "checkpoint.pt"]
-    [b] = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "cut") for f in fs if f == "checkpoint.pt"]
-    a, b = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    resumed = run("upt", folder, vit_checkpoint, tmp_path / "cut", epochs=3, resume=True)
+    assert resumed[-1]["accuracy"] == full[-1]["accuracy"] and resumed[-1]["run_id"] == full[-1]["run_id"]
+    a, b = (torch.load(checkpoint_of(tmp_path / d), weights_only=True) for d in ("full", "cut"))
     assert a["epoch"] == b["epoch"] == 3
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_eval_only_reproduces_final_accuracy_and_checkpoint_is_trainable_params_only(folder, vit_checkpoint, tmp_path):
-    trained = run(folder, vit_checkpoint, tmp_path, "--method", "coop", "--n-ctx", "4")
-    [path] = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f == "checkpoint.pt"]
+def test_eval_only_reproduces_accuracy_with_the_checkpoints_settings(folder, vit_checkpoint, tmp_path):
+    trained = run("coop", folder, vit_checkpoint, tmp_path, n_ctx=4, seed=2, shots=2, epochs=3)
+    path = checkpoint_of(tmp_path)
     state = torch.load(path, weights_only=True)
     assert list(state["model"]) == ["ctx"] and state["args"]["method"] == "coop"
     evaluated = train.run(train.parse_args(["--method", "coop", "--dataset", folder, "--output-dir", str(tmp_path),
-                                            "--eval-only", "--checkpoint", path, "--workers", "0", "--shots", "4"]))
-    assert evaluated[-1]["accuracy"] == trained[-1]["accuracy"]
-    assert read_results(tmp_path)[-1]["eval_only"] is True
+                                            "--eval-only", "--checkpoint", path, "--workers", "0"]))
+    row = read_results(tmp_path)[-1]
+    assert evaluated[-1]["accuracy"] == trained[-1]["accuracy"] and row["eval_only"] is True
+    assert (row["seed"], row["shots"], row["epochs"], row["n_ctx"]) == (2, 2, 3, 4)  # from the checkpoint, not defaults
+    assert row["run_id"] == trained[-1]["run_id"] and row["checkpoint"] == path
 
 
-def test_base_to_new_evaluates_the_base_checkpoint_on_new_classes(folder, vit_checkpoint, tmp_path):
-    run(folder, vit_checkpoint, tmp_path, "--method", "upt", "--subsample", "base")
-    [path] = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f == "checkpoint.pt"]
+def test_base_to_new_with_a_checkpoint_or_in_one_run(folder, vit_checkpoint, tmp_path):
+    run("upt", folder, vit_checkpoint, tmp_path, subsample="base")
+    path = checkpoint_of(tmp_path)
     assert torch.load(path, weights_only=True)["classnames"] == ["blue sky", "green leaf"]
     new = train.run(train.parse_args(["--method", "upt", "--dataset", folder, "--output-dir", str(tmp_path),
                                       "--subsample", "new", "--eval-only", "--checkpoint", path, "--workers", "0"]))
-    assert new[-1]["subsample"] == "new" and new[-1]["accuracy"] == 100.0  # one new class: always right
+    assert new[-1]["subsample"] == "new" and new[-1]["train_subsample"] == "base"
+    assert new[-1]["accuracy"] == 100.0  # one new class: always right
+    both = run("upt", folder, vit_checkpoint, tmp_path / "one", subsample="base", eval_datasets=f"{folder}:new")
+    assert [(r["dataset"], r["subsample"]) for r in both] == [(folder, "base"),
+                                                              (folder, "new")]
+    assert both[1]["accuracy"] == 100.0 and both[0]["run_id"] == both[1]["run_id"]
+
+
+def test_visual_prompts_on_resnet_and_too_many_shots_are_clear_errors(folder, rn_checkpoint, vit_checkpoint, tmp_path,
+                                                                        capsys):
+    for method in ["vpt_shallow", "vpt_deep", "upt", "upt_joint", "upt_shared", "upt_mlp"]:
+        assert "ViT" in main_error(capsys, *train_argv(method, folder, rn_checkpoint, tmp_path))
+    assert "--shots 6" in main_error(capsys, *train_argv("coop", folder, vit_checkpoint, tmp_path, shots=50))
 
 
 def main_error(capsys, *args):
@@ -102,27 +108,6 @@ def main_error(capsys, *args):
     assert exit_info.value.code == 2 and "Traceback" not in stderr, stderr
     assert len(stderr.strip().splitlines()) == 1, stderr
     return stderr
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--method", "cop", "--dataset", "dtd"], "did you mean 'coop'"),
-    (["--method", "coop", "--dataset", "dtdd"], "dtd"),
-    (["--method", "coop", "--dataset", "dtd"], "dtd"),  # missing folder under --root
-    (["--method", "coop", "--dataset", "dtd", "--shots", "0"], "--shots must be positive"),
-    (["--method", "coop", "--dataset", "dtd", "--eval-only"], "--checkpoint"),
-    (["--method", "coop", "--dataset", "dtd", "--eval-only", "--checkpoint", "/nonexistent/ck.pt"], "not found"),
-    (["--method", "coop", "--dataset", "dtd", "--backbone", "ViT-B/17"], "ViT-B/16"),
-])
-def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path, capsys):
-    assert message in main_error(capsys, *args, "--root", str(tmp_path), "--output-dir", str(tmp_path))
-
-
-def test_visual_prompts_on_resnet_and_too_many_shots_are_clear_errors(folder, rn_checkpoint, vit_checkpoint, tmp_path,
-                                                                        capsys):
-    common = ["--dataset", folder, "--output-dir", str(tmp_path), "--workers", "0"]
-    for method in ["vpt_shallow", "vpt_deep", "upt", "upt_joint", "upt_shared", "upt_mlp"]:
-        assert "ViT" in main_error(capsys, "--method", method, "--backbone", rn_checkpoint, "--shots", "4", *common)
-    assert "--shots 6" in main_error(capsys, "--method", "coop", "--backbone", vit_checkpoint, "--shots", "50", *common)
 
 
 def test_command_line_errors_exit_2_without_traceback(tmp_path):

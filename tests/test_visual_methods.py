@@ -79,6 +79,26 @@ def test_vpt_deep_prompts_of_every_layer_matter(clip):
             model.prompts[layer] = saved
 
 
+@pytest.mark.parametrize("deep", [False, True])
+def test_vpt_released_code_init_and_where_layer_0_prompts_go(clip, deep):
+    """The UPT release: normal(0, 0.02) prompts; its VPT-deep inserts layer 0's after ln_pre, its VPT-shallow before."""
+    torch.manual_seed(0)
+    model = VPT(clip, CLASSNAMES, n_ctx=64, deep=deep, released_code=True).eval()
+    assert 0.017 < model.prompts.std() < 0.023 and model.prompts.abs().max() > 0.0625  # not VPT's uniform(±0.0625)
+    ours = VPT(clip, CLASSNAMES, n_ctx=64, deep=deep).eval()
+    images, visual = torch.randn(2, 3, 32, 32), clip.visual
+    with torch.no_grad():
+        ours.prompts.copy_(model.prompts)
+        x = visual.conv1(images).flatten(2).transpose(1, 2)  # (B, N, D)
+        x = torch.cat([visual.class_embedding.expand(2, 1, -1), x], dim=1) + visual.positional_embedding
+        cls, patches = visual.ln_pre(x).split([1, x.shape[1] - 1], dim=1)
+        x = torch.cat([cls, model.prompts[0].expand(2, -1, -1), patches], dim=1)  # after ln_pre: [CLS, P, patches]
+        features = visual.ln_post(visual.transformer(x, model.prompts[1:])[:, 0]) @ visual.proj
+        expected = clip.logit_scale.exp() * F.normalize(features, dim=-1) @ model.text_features.t()
+        assert torch.allclose(model(images), expected, atol=1e-5) == deep
+        assert torch.equal(model(images), ours(images)) == (not deep)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # UPT: θ, layer-wise prompts, parameter budget, errors
 
