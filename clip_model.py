@@ -393,12 +393,15 @@ def build_model(state_dict):
             vision_layers = tuple(count(f"visual.layer{b}.") for b in (1, 2, 3, 4))
             vision_width, vision_patch_size = sd["visual.layer1.0.conv1.weight"].shape[0], None
             image_resolution = 32 * round((sd["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
-        model = CLIP(embed_dim=sd["text_projection"].shape[1], image_resolution=image_resolution,
-                     vision_layers=vision_layers, vision_width=vision_width, vision_patch_size=vision_patch_size,
-                     context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0],
-                     transformer_width=sd["ln_final.weight"].shape[0], transformer_heads=sd["ln_final.weight"].shape[0] // 64,
-                     transformer_layers=count("transformer.resblocks."))
-        model.load_state_dict({k: v.float() for k, v in sd.items()})
+        with torch.device("meta"):  # no random init of weights about to be replaced (most of a load's time)
+            model = CLIP(embed_dim=sd["text_projection"].shape[1], image_resolution=image_resolution,
+                         vision_layers=vision_layers, vision_width=vision_width, vision_patch_size=vision_patch_size,
+                         context_length=sd["positional_embedding"].shape[0],
+                         vocab_size=sd["token_embedding.weight"].shape[0], transformer_width=sd["ln_final.weight"].shape[0],
+                         transformer_heads=sd["ln_final.weight"].shape[0] // 64,
+                         transformer_layers=count("transformer.resblocks."))
+        own = model.state_dict()  # meta tensors with the dtype each entry takes: fp32, int64 BatchNorm counters
+        model.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in sd.items()}, assign=True)
     except (KeyError, RuntimeError) as e:
         raise CLIPError(f"not a CLIP state dict ({one_line(e)})") from None
     return model.eval()

@@ -273,7 +273,9 @@ def run_dir(args, settings):
     dataset = settings["dataset"]
     if dataset.startswith("folder:"):
         dataset = "folder_" + os.path.basename(dataset.rstrip("/"))
-    backbone = os.path.splitext(os.path.basename(settings["backbone"]))[0].replace("/", "-")
+    backbone = settings["backbone"]
+    backbone = backbone.replace("/", "-") if backbone in clip_model.available_models() else \
+        os.path.splitext(os.path.basename(backbone))[0]
     subset = "_".join(p for p in [settings["shots"] and f"s{settings['shots']}",
                                   settings["seed"] and f"seed{settings['seed']}", settings["subsample"]] if p)
     return os.path.join(args.output_dir, dataset, settings["method"], backbone, subset, run_id(settings))
@@ -403,23 +405,25 @@ def save_atomic(obj, path):
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:120]
+        raise RunError(f"cannot write {path} ({reason}): free disk space or choose another --output-dir") from None
+    finally:  # also on Ctrl-C mid-write: no half-written temporary file is left behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise RunError(f"cannot write {path} ({e.strerror or e}): free disk space or choose another --output-dir") \
-            from None
 
 
 @contextlib.contextmanager
 def locked(path, busy=None):
     """An exclusive lock on the file `path`, released when its holder exits (even on kill -9). If another process
-    holds it: wait, or with a `busy` message raise RunError(busy)."""
+    holds it: wait, or with a `busy` message raise RunError(busy). A POSIX record lock (lockf), not flock: forked
+    DataLoader workers do not inherit it, so orphaned workers of a killed run cannot block its --resume."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "a") as f:
         try:
             if fcntl:
-                fcntl.flock(f, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
-        except BlockingIOError:
+                fcntl.lockf(f, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+        except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: held by another process
             raise RunError(busy) from None
         yield
 
@@ -725,7 +729,8 @@ def resume_from(path, args, settings):
             with contextlib.suppress(RunError):
                 theirs = settings_of(load_checkpoint(other)["args"])
                 key = next((k for k in IDENTITY if theirs.get(k) != settings[k]), None)
-                hint = f" ({other} differs in {option(key)}: {theirs.get(key)!r} there, {settings[key]!r} here)" if key else ""
+                hint = f" (run {os.path.basename(os.path.dirname(other))} beside it differs in {option(key)}: " \
+                       f"{theirs.get(key)!r} there, {settings[key]!r} here)" if key else ""
         raise RunError(f"--resume: no checkpoint with these settings in {os.path.dirname(path)}{hint}; drop --resume "
                        "to start this run")
     state = load_checkpoint(path)

@@ -1,0 +1,799 @@
+"""One command per table: run the grid of a paper's table or figure with train.py, then report it beside the published
+numbers (UPT, arXiv:2210.07225; Rethinking the Value of Prompt Learning, ICLR 2023 submission).
+
+    python reproduce.py                                    the recipes, their run counts and epochs
+    python reproduce.py upt-table2 --root DATA             run what has no result yet, one run per visible GPU
+    python reproduce.py upt-table2 --root DATA --dry-run   the commands still to run
+    python reproduce.py upt-table2 --slurm runs.sh         the same as a Slurm array job
+    python reproduce.py upt-table2 --report [--csv t.csv]  mean ± std over seeds beside the paper's number
+
+A run is done when results.jsonl has a row for each of its evaluation targets (train.plan says which), so a rerun does
+only what is missing: after a crash, a failed run, or a new dataset. A recipe is a plain dict: its runs (the train.py
+options of each, and the table cell each evaluation fills) and its tables (layout, published numbers).
+"""
+import argparse
+import csv
+import difflib
+import json
+import math
+import os
+import queue
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATASETS = ["imagenet", "caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
+            "sun397", "dtd", "eurosat", "ucf101"]  # the 11 datasets of CoOp, in the column order of both papers
+NAMES = {"imagenet": "ImageNet", "caltech101": "Caltech101", "oxford_pets": "OxfordPets",
+         "stanford_cars": "StanfordCars", "oxford_flowers": "Flowers102", "food101": "Food101",
+         "fgvc_aircraft": "FGVCAircraft", "sun397": "SUN397", "dtd": "DTD", "eurosat": "EuroSAT", "ucf101": "UCF101"}
+SHIFTS = ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]  # ImageNet's domain-shifted test sets
+SHOTS, SEEDS = [1, 2, 4, 8, 16], [1, 2, 3]
+BACKBONES = {"RN50": "ResNet-50", "RN101": "ResNet-101", "ViT-B/32": "ViT-B/32", "ViT-B/16": "ViT-B/16"}
+METRICS = {"accuracy": lambda row: row["accuracy"], "minutes": lambda row: row["train_seconds"] / 60,
+           "var_v": lambda row: row["var_v"], "var_t": lambda row: row["var_t"]}
+
+
+class RecipeError(Exception):
+    """A recipe that cannot be run as written (an unknown name, two runs with one id but other targets): exit code 2."""
+
+
+def label(dataset):
+    """The column name of a dataset: the papers' name, or a folder dataset's folder name."""
+    return NAMES.get(dataset) or os.path.basename(dataset.removeprefix("folder:").rstrip("/"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Building blocks of a recipe: runs (what to run, which cells it fills) and tables (how the cells are laid out)
+
+def train_run(argv, table, row, columns, sample=1, choice=None, metric="accuracy"):
+    """`python train.py ARGV`: its evaluation targets (in train.plan's order: the trained dataset, then --eval-datasets)
+    fill `columns` of `row` in `table`, as sample `sample` (the seed) of each cell. `choice` names a cell of a
+    hyper-parameter grid; the report keeps the choice with the best mean (Rethinking §5.1)."""
+    return dict(script="train.py", argv=[str(a) for a in argv], table=table, row=row, columns=list(columns),
+                sample=sample, choice=choice, metric=[metric] * len(columns))
+
+
+def variance_run(dataset, backbone, table, split="test"):
+    """`python variance.py`: UPT App. A's intra-class visual and inter-class text variance of one dataset."""
+    return dict(script="variance.py", argv=["--dataset", dataset, "--backbone", backbone, "--split", split],
+                table=table, row=label(dataset), columns=["Var_v", "Var_t"], sample=1, choice=None,
+                metric=["var_v", "var_t"], key=("variance", dataset, backbone, split))
+
+
+def few_shot(methods, datasets, shots, seeds, backbone, table="{shots} shots", extra=(), choice=None, transpose=False,
+             subsample=None):
+    """Every method of `methods` ({row: [method, train.py options...]}) on datasets x shots x seeds: a cell per
+    (method, dataset) in table `table.format(shots=k, dataset=name)` (datasets as rows with `transpose`). `extra`: options
+    given to every run (e.g. --workers 0). `subsample="base"` trains
+    on the base classes and also scores the new ones (base-to-new): the cell's columns are then Base and New."""
+    runs = []
+    for row, (method, *options) in methods.items():
+        for d in datasets:
+            for k in shots:
+                for s in seeds:
+                    argv = ["--method", method, "--dataset", d, "--shots", k, "--seed", s, "--backbone", backbone]
+                    if subsample:
+                        argv += ["--subsample", subsample, "--eval-datasets", f"{d}:new"]
+                    r, c = (label(d), row) if transpose else (row, label(d))
+                    runs.append(train_run(argv + options + list(extra), table.format(shots=k, dataset=label(d)),
+                                          r, ["Base", "New"] if subsample else [c], sample=s, choice=choice))
+    return runs
+
+
+def table(name, rows, columns, *, title="", derived_rows=None, derived_columns=None, published=None, mean_of=None,
+          digits=2, note=""):
+    """A table of the report. Cells are the mean ± std over samples of the runs that fill them; derived cells combine
+    others: ("mean", [names]), ("diff", a, b), ("hm", a, b) (harmonic mean), ("ratio", a, b). Derived rows are computed
+    first, then derived columns (so an Average row's H is the HM of the averages, as CoCoOp). `mean_of`: each cell is
+    the mean of the same cell in those tables. `published`: {(row, column): value or (mean, std)} from the paper."""
+    return dict(name=name, title=title, rows=list(rows), columns=list(columns), derived_rows=derived_rows or {},
+                derived_columns=derived_columns or {}, published=published or {}, mean_of=mean_of, digits=digits,
+                note=note)
+
+
+def paper(values, columns):
+    """{row: [numbers in column order]} -> {(row, column): number}."""
+    out = {}
+    for row, numbers in values.items():
+        assert len(numbers) == len(columns), (row, numbers)
+        out.update({(row, c): v for c, v in zip(columns, numbers) if v is not None})
+    return out
+
+
+def average(columns):
+    return {"Average": ("mean", list(columns))}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Published numbers, transcribed from the papers' text
+
+UPT_TABLE1 = {  # UPT Table 1: domain generalisation, ImageNet 16 shots, ViT-B/16, 3 seeds (as printed: VPT-shallow's
+    # Average, 60.38, is not the mean of its 5 numbers, 60.41; its OOD Average is)
+    #              ImageNet -V2     -S     -A     -R     Average OOD Average
+    "CoOp":        [71.51, 64.20, 47.99, 49.71, 75.21, 61.72, 59.28],
+    "CoCoOp":      [71.02, 64.07, 48.75, 50.63, 76.18, 62.13, 59.91],
+    "VPT-shallow": [68.98, 62.10, 47.68, 47.19, 76.10, 60.38, 58.27],
+    "VPT-deep":    [70.57, 63.67, 47.66, 43.85, 74.42, 60.04, 57.40],
+    "UPT":         [72.63, 64.35, 48.66, 50.66, 76.24, 62.51, 59.98],
+}
+UPT_TABLE2 = {  # UPT Table 2: 16 shots, ViT-B/16, 3 seeds; the 11 datasets in DATASETS order, then Average
+    "CoOp":        [71.36, 95.93, 92.74, 77.45, 95.90, 86.36, 38.04, 73.59, 68.38, 78.77, 82.04, 78.24],
+    "VPT-shallow": [68.98, 94.66, 92.61, 69.09, 81.40, 86.91, 30.93, 68.08, 52.28, 84.87, 75.19, 73.18],
+    "VPT-deep":    [70.57, 95.83, 92.91, 76.13, 94.96, 86.18, 40.96, 71.63, 69.79, 91.53, 82.76, 79.39],
+    "Joint":       [71.42, 95.84, 93.34, 79.02, 95.25, 86.55, 40.56, 74.17, 67.83, 78.94, 82.81, 78.70],
+    "Shared":      [71.46, 95.50, 92.99, 78.66, 95.55, 86.67, 39.18, 73.64, 67.69, 73.36, 82.06, 77.88],
+    "MLP":         [71.00, 95.59, 93.74, 75.88, 93.38, 87.20, 37.17, 72.74, 67.31, 90.66, 81.43, 78.73],
+    "UPT":         [72.63, 95.94, 92.95, 84.33, 97.11, 85.00, 46.80, 75.92, 70.65, 90.51, 84.03, 81.44],
+}
+UPT_GAINS = {  # UPT §3.1 (Fig. 4 prints no numbers): UPT's average gain over 11 datasets at 1/2/4/8/16 shots
+    "CoOp": [0.48, 1.36, 1.29, 2.46, 3.19], "VPT-deep": [0.89, 2.70, 2.03, 2.40, 2.01]}
+RETHINKING_TABLE2 = {  # Rethinking Table 2: zero-shot RN50; random prompts are mean ± std over 10 seeds
+    #                ClassName Basic Revised Negative RandToken  RandEmbed
+    "ImageNet":     [55.3, 58.2, 59.2, 58.0, (50.0, 2.7), (47.0, 2.8)],
+    "Caltech101":   [80.9, 85.9, 87.0, 84.6, (75.3, 3.4), (74.7, 5.4)],
+    "OxfordPets":   [78.8, 83.7, 84.7, 81.0, (73.2, 3.8), (72.3, 3.4)],
+    "StanfordCars": [54.4, 55.6, 55.6, 49.0, (52.6, 0.9), (46.5, 2.5)],
+    "Flowers102":   [57.3, 60.9, 62.8, 62.7, (51.4, 2.6), (46.7, 7.6)],
+    "Food101":      [73.9, 75.3, 77.2, 75.5, (72.8, 3.1), (69.0, 2.8)],
+    "FGVCAircraft": [15.3, 15.7, 15.8, 15.0, (12.2, 2.5), (10.2, 2.1)],
+    "SUN397":       [54.9, 58.5, 57.7, 58.5, (47.6, 3.3), (45.0, 2.4)],
+    "DTD":          [41.1, 40.0, 41.1, 42.3, (34.1, 5.6), (28.6, 3.4)],
+    "EuroSAT":      [28.4, 24.2, 28.0, 36.7, (22.4, 3.9), (24.2, 4.5)],
+    "UCF101":       [56.4, 58.3, 57.9, 57.7, (52.5, 2.4), (47.9, 2.2)],
+}
+RETHINKING_TABLE3 = {  # Rethinking Table 3: minutes of optimisation, ImageNet 16 shots; RN50, RN101, ViT-B/32, ViT-B/16
+    "Prompt learning": [139.5, 143.3, 136.3, 143.1],
+    "Classifier fine-tuning": [13.8, 15.9, 13.7, 14.8],
+}
+RETHINKING_TABLE4 = {  # Rethinking Table 4: ImageNet 16 shots -> ImageNet, -V2, -Sketch, -A, -R, Average
+    "RN50": {"Zero-Shot CLIP":         [58.18, 51.34, 33.32, 21.65, 56.00, 44.10],
+             "Linear Probe CLIP":      [55.87, 45.97, 19.07, 12.74, 34.86, 33.70],
+             "Prompt Learning":        [63.00, 55.27, 34.03, 22.40, 55.90, 46.12],
+             "Classifier Fine-tuning": [64.73, 56.03, 34.13, 22.10, 58.30, 47.06]},
+    "RN101": {"Zero-Shot CLIP":         [61.62, 54.81, 38.71, 28.05, 64.38, 49.51],
+              "Linear Probe CLIP":      [59.75, 50.05, 26.80, 19.44, 47.19, 40.65],
+              "Prompt Learning":        [66.53, 58.73, 40.00, 29.00, 64.03, 51.66],
+              "Classifier Fine-tuning": [67.50, 58.60, 40.37, 28.90, 64.20, 51.91]},
+    "ViT-B/32": {"Zero-Shot CLIP":         [62.05, 54.79, 40.82, 29.57, 65.99, 50.64],
+                 "Linear Probe CLIP":      [59.58, 49.73, 28.06, 19.67, 47.20, 40.85],
+                 "Prompt Learning":        [66.80, 58.43, 40.97, 31.30, 65.33, 52.57],
+                 "Classifier Fine-tuning": [68.10, 58.17, 41.47, 30.63, 67.60, 53.19]},
+    "ViT-B/16": {"Zero-Shot CLIP":         [66.73, 60.83, 46.15, 47.77, 73.96, 59.09],
+                 "Linear Probe CLIP":      [65.85, 56.26, 34.77, 35.68, 58.43, 50.20],
+                 "Prompt Learning":        [71.97, 64.40, 47.97, 49.97, 75.03, 61.86],
+                 "Classifier Fine-tuning": [72.97, 64.47, 47.97, 48.50, 75.70, 61.92]},
+}
+BASE_TO_NEW = {  # CoCoOp (arXiv:2203.05557) Table 1(a), average over the 11 datasets, ViT-B/16: Base, New, H
+    "CLIP": [69.34, 74.22, 71.70], "CoOp": [82.69, 63.22, 71.66], "CoCoOp": [80.47, 71.69, 75.83]}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The recipes
+
+UPT_TEMPLATE = "a photo of a {}."  # UPT App. B: zero-shot CLIP and VPT use the default template
+UPT_METHODS = {  # UPT App. B: m = 4 for CoOp (the UPT repo's CoOp config: 4 tokens from "a photo of a") and VPT
+    "CoOp": ["coop", "--ctx-init", "a photo of a"],
+    "VPT-shallow": ["vpt_shallow", "--template", UPT_TEMPLATE],
+    "VPT-deep": ["vpt_deep", "--template", UPT_TEMPLATE],
+    "UPT": ["upt"],
+}
+ABLATIONS = {"Joint": ["upt_joint"], "Shared": ["upt_shared"], "MLP": ["upt_mlp"]}  # UPT Table 2, Fig. 5 (a)-(c)
+
+
+def zero_shot_runs(options, datasets, backbone, tables, row, transpose=False, extra=()):
+    """Zero-shot CLIP once per dataset (it does not depend on shots or seed), read by each of `tables`."""
+    return [train_run(["--method", "zeroshot", "--dataset", d, "--backbone", backbone, *options, *extra], t,
+                      label(d) if transpose else row, [row if transpose else label(d)])
+            for t in tables for d in datasets]
+
+
+def upt_fig4(datasets=DATASETS, shots=SHOTS, seeds=SEEDS, backbone="ViT-B/16"):
+    columns, zs = [label(d) for d in datasets], "Zero-shot CLIP"
+    gains = {f"UPT - {m}": ("diff", "UPT", m) for m in UPT_GAINS}
+    return dict(
+        title="UPT Fig. 4: few-shot accuracy on 11 datasets, 1-16 shots, ViT-B/16, 3 seeds",
+        runs=zero_shot_runs(["--template", UPT_TEMPLATE], datasets, backbone, [f"{k} shots" for k in shots], zs)
+        + few_shot(UPT_METHODS, datasets, shots, seeds, backbone),
+        tables=[table(f"{k} shots", [zs, *UPT_METHODS], columns, derived_rows=gains, derived_columns=average(columns),
+                      published={(g, "Average"): UPT_GAINS[m][SHOTS.index(k)] for g, (_, _, m) in gains.items()})
+                for k in shots],
+        note="Fig. 4 is a plot: the paper gives only UPT's average gains (§3.1), shown on the 'UPT - ' rows.")
+
+
+def upt_table1(seeds=SEEDS, backbone="ViT-B/16"):
+    methods = {"CoOp": UPT_METHODS["CoOp"], "CoCoOp": ["cocoop"]} | {m: UPT_METHODS[m] for m in list(UPT_METHODS)[1:]}
+    columns = ["ImageNet", "-V2", "-S", "-A", "-R"]
+    runs = [train_run(["--method", method, "--dataset", "imagenet", "--shots", 16, "--seed", s, "--backbone", backbone,
+                       *options, "--eval-datasets", ",".join(SHIFTS)], "Table 1", row, columns, sample=s)
+            for row, (method, *options) in methods.items() for s in seeds]
+    derived = {"Average": ("mean", columns), "OOD Average": ("mean", columns[1:])}
+    return dict(title="UPT Table 1: domain generalisation, ImageNet 16 shots -> -V2/-S/-A/-R, ViT-B/16, 3 seeds",
+                runs=runs, tables=[table("Table 1", methods, columns, derived_columns=derived,
+                                         published=paper(UPT_TABLE1, columns + list(derived)))])
+
+
+def upt_table2(datasets=DATASETS, seeds=SEEDS, backbone="ViT-B/16"):
+    methods = {m: UPT_METHODS[m] for m in ("CoOp", "VPT-shallow", "VPT-deep")} | ABLATIONS | {"UPT": ["upt"]}
+    columns = [label(d) for d in datasets]
+    return dict(title="UPT Table 2: multi-modal prompt designs (Joint, Shared, MLP), 16 shots, ViT-B/16, 3 seeds",
+                runs=few_shot(methods, datasets, [16], seeds, backbone, table="Table 2"),
+                tables=[table("Table 2", methods, columns, derived_columns=average(columns),
+                              published=paper(UPT_TABLE2, [label(d) for d in DATASETS] + ["Average"]))])
+
+
+def upt_fig1(datasets=DATASETS, seeds=SEEDS, backbone="ViT-B/16"):
+    rows, zs = [label(d) for d in datasets], "Zero-shot CLIP"
+    gains = {f"{m} gain": ("diff", m, zs) for m in UPT_METHODS}
+    return dict(
+        title="UPT Fig. 1(d)(e): per-dataset feature variances beside the gains over zero-shot, 16 shots, ViT-B/16",
+        runs=[variance_run(d, backbone, "Fig. 1") for d in datasets]
+        + zero_shot_runs(["--template", UPT_TEMPLATE], datasets, backbone, ["Fig. 1"], zs, transpose=True)
+        + few_shot(UPT_METHODS, datasets, [16], seeds, backbone, table="Fig. 1", transpose=True),
+        tables=[table("Fig. 1", rows, ["Var_v", "Var_t", zs, *UPT_METHODS], derived_rows=average(rows),
+                      derived_columns=gains, digits={"Var_v": 4, "Var_t": 4},
+                      note="Var_v: intra-class visual variance (App. A Eq. 6-7), Var_t: inter-class text variance "
+                           "(Eq. 8), CLIP features of the test split. The paper plots these points without numbers. "
+                           "The runs are upt-fig4's and upt-table2's at 16 shots (same run ids).")])
+
+
+HANDCRAFTED = {"ClassName": "classname", "Basic": "basic", "Revised": "revised", "Negative": "negative"}  # its Table 1
+
+
+def rethinking_table1(datasets=DATASETS, backbone="RN50"):
+    rows, columns = [label(d) for d in datasets], list(HANDCRAFTED)
+    return dict(title="Rethinking Table 1: zero-shot with hand-crafted prompts, RN50 (numbers: its Table 2)",
+                runs=[train_run(["--method", "zeroshot", "--dataset", d, "--backbone", backbone, "--prompt", p],
+                                "Table 2", label(d), [name]) for name, p in HANDCRAFTED.items() for d in datasets],
+                tables=[table("Table 2", rows, columns, derived_rows=average(rows), digits=1,
+                              published=paper({r: RETHINKING_TABLE2[r][:4] for r in rows if r in RETHINKING_TABLE2},
+                                              columns))])
+
+
+def rethinking_table2(datasets=DATASETS, seeds=range(1, 11), backbone="RN50"):
+    handcrafted = rethinking_table1(datasets, backbone)
+    rows, columns = [label(d) for d in datasets], [*HANDCRAFTED, "RandToken", "RandEmbed"]
+    random = [train_run(["--method", "zeroshot", "--dataset", d, "--backbone", backbone, "--prompt", p, "--seed", s],
+                        "Table 2", label(d), [name], sample=s)
+              for name, p in [("RandToken", "randtoken"), ("RandEmbed", "randembed")] for d in datasets for s in seeds]
+    return dict(title="Rethinking Table 2: zero-shot with hand-crafted and random prompts (10 seeds), RN50",
+                runs=handcrafted["runs"] + random,
+                tables=[table("Table 2", rows, columns, derived_rows=average(rows), digits=1,
+                              published=paper({r: RETHINKING_TABLE2[r] for r in rows if r in RETHINKING_TABLE2},
+                                              columns),
+                              note="random prompts: 4 random tokens prepended (train.py's default --random-length; "
+                                   "the paper does not give the length)")])
+
+
+COOP_GRID = [(e, lr) for e in (50, 100, 200) for lr in (2e-2, 2e-3, 2e-4)]  # Rethinking §5.1: epochs x learning rate
+FT_GRID = [(e, lr) for e in (50, 100, 200) for lr in (2e-1, 2e-2, 2e-3)]
+
+
+def rethinking_fig1(datasets=DATASETS, shots=SHOTS, seeds=SEEDS, backbone="RN50"):
+    columns = [label(d) for d in datasets]
+    rows = ["Zero-shot CLIP", "Linear probe", "Prompt learning", "Classifier FT"]
+
+    def grid(row, method, grid_cells):
+        return [run for e, lr in grid_cells for run in
+                few_shot({row: [*method, "--epochs", e, "--lr", lr]}, datasets, shots, seeds, backbone,
+                         choice=f"{e} ep, lr {lr:g}")]
+
+    return dict(
+        title="Rethinking Fig. 1: prompt learning (CoOp m=16) vs classifier fine-tuning, 1-16 shots, RN50, 3 seeds",
+        runs=zero_shot_runs(["--prompt", "dataset"], datasets, backbone, [f"{k} shots" for k in shots], rows[0])
+        + few_shot({"Linear probe": ["linear_probe"]}, datasets, shots, seeds, backbone)
+        + grid("Prompt learning", ["coop", "--n-ctx", 16], COOP_GRID) + grid("Classifier FT", ["linear_ft"], FT_GRID),
+        tables=[table(f"{k} shots", rows, columns, derived_columns=average(columns),
+                      derived_rows={"FT - PL": ("diff", "Classifier FT", "Prompt learning")}) for k in shots],
+        note="Prompt learning and classifier FT: each cell is the best of the paper's grid (epochs {50,100,200} x lr "
+             "{2e-2,2e-3,2e-4} for CoOp, {2e-1,2e-2,2e-3} for FT) by mean TEST accuracy over seeds. This selects on "
+             "the test set, as the paper says it did (§5.1), so both rows are optimistic. Published (§5.2, Fig. 1 "
+             "prints no numbers): classifier FT beats prompt learning by 1.5-2.3% on average for 1-16 shots.")
+
+
+def rethinking_table3(backbones=tuple(BACKBONES), seed=1):
+    methods = {"Prompt learning": ["coop", "--n-ctx", 16], "Classifier fine-tuning": ["linear_ft"]}
+    columns = [BACKBONES.get(b, label(b)) for b in backbones]
+    runs = [train_run(["--method", method, "--dataset", "imagenet", "--shots", 16, "--seed", seed, "--backbone", b,
+                       *options, "--no-feature-bank"], "Table 3", row, [c], metric="minutes")
+            for row, (method, *options) in methods.items() for b, c in zip(backbones, columns)]
+    return dict(title="Rethinking Table 3: minutes of training, ImageNet 16 shots, 4 backbones, seed 1",
+                runs=runs, tables=[table(
+                    "Table 3", methods, columns, digits=1,
+                    derived_rows={"PL / FT": ("ratio", "Prompt learning", "Classifier fine-tuning")},
+                    published=paper(RETHINKING_TABLE3, [BACKBONES[b] for b in BACKBONES]),
+                    note="train_seconds / 60 of one run (50 epochs, lr 0.002) with --no-feature-bank: images go "
+                         "through the image encoder at every step, as the paper timed it. The paper's GPU is not "
+                         "stated; it reports classifier FT about 10x faster.")])
+
+
+def rethinking_table4(backbones=tuple(BACKBONES), seeds=SEEDS):
+    methods = {"Zero-Shot CLIP": ["zeroshot"], "Linear Probe CLIP": ["linear_probe"],
+               "Prompt Learning": ["coop", "--n-ctx", 16], "Classifier Fine-tuning": ["linear_ft"]}
+    columns = ["ImageNet", "-V2", "-Sketch", "-A", "-R"]
+    runs = []
+    for b in backbones:
+        for row, (method, *options) in methods.items():
+            for s in [None] if method == "zeroshot" else seeds:
+                runs.append(train_run(["--method", method, "--dataset", "imagenet", "--backbone", b,
+                                       *([] if s is None else ["--shots", 16, "--seed", s]), *options,
+                                       "--eval-datasets", ",".join(SHIFTS)], b, row, columns, sample=s or 1))
+    return dict(title="Rethinking Table 4: ImageNet 16 shots -> -V2/-Sketch/-A/-R, 4 backbones, 3 seeds",
+                runs=runs, tables=[table(b, methods, columns, title=BACKBONES.get(b, b),
+                                         derived_columns=average(columns),
+                                         published=paper(RETHINKING_TABLE4.get(b, {}), columns + ["Average"]))
+                                   for b in backbones],
+                note="Prompt learning and classifier FT use train.py's defaults (ImageNet: 50 epochs, lr 0.002); the "
+                     "paper's grid selection (§5.1) is not repeated here.")
+
+
+def base_to_new(datasets=DATASETS, seeds=SEEDS, backbone="ViT-B/16", budgets=(10, 25, 50, 100, 200)):
+    coop = ["coop", "--ctx-init", "a photo of a"]  # CoCoOp's CoOp config for base-to-new (vit_b16_ctxv1)
+    methods = {"CoOp": coop, "CoCoOp": ["cocoop"], **{m: UPT_METHODS[m] for m in UPT_METHODS if m != "CoOp"},
+               **ABLATIONS}
+    budget_rows = {f"CoOp {e} ep": [*coop, "--epochs", e] for e in budgets}  # Rethinking §6, Fig. 2
+    tables = [label(d) for d in datasets]
+    zero_shot = [train_run(["--method", "zeroshot", "--dataset", d, "--backbone", backbone, "--subsample", "base",
+                            "--eval-datasets", f"{d}:new"], label(d), "CLIP", ["Base", "New"]) for d in datasets]
+    rows = ["CLIP", *methods, *budget_rows]
+    hm = {"H": ("hm", "Base", "New")}
+    return dict(
+        title="Base-to-new (CoCoOp protocol): train on the base classes, test on base and new, 16 shots, ViT-B/16",
+        runs=zero_shot + few_shot(methods | budget_rows, datasets, [16], seeds, backbone, table="{dataset}",
+                                  subsample="base"),
+        tables=[table("Average", rows, ["Base", "New"], title=f"average over {len(datasets)} datasets", mean_of=tables,
+                      derived_columns=hm, published=paper(BASE_TO_NEW, ["Base", "New", "H"]))]
+        + [table(t, rows, ["Base", "New"], derived_columns=hm) for t in tables],
+        note="H = 2·Base·New / (Base + New) of the seed means; the Average table takes the mean Base and mean New "
+             "over datasets and their H (as CoCoOp). CLIP uses CoOp's per-dataset templates, as CoCoOp did. 'CoOp E "
+             "ep' rows: Rethinking §6 Fig. 2 trains CoOp for several epoch budgets but does not list them; these are "
+             "ours. linear_ft, linear_probe and CoOp-CSC are class-specific and cannot score new classes.")
+
+
+RECIPES = {
+    "upt-fig4": upt_fig4(),
+    "upt-table1": upt_table1(),
+    "upt-table2": upt_table2(),
+    "upt-fig1": upt_fig1(),
+    "rethinking-table1": rethinking_table1(),
+    "rethinking-table2": rethinking_table2(),
+    "rethinking-fig1": rethinking_fig1(),
+    "rethinking-table3": rethinking_table3(),
+    "rethinking-table4": rethinking_table4(),
+    "base-to-new": base_to_new(),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Planning: each run once, its command, and whether results.jsonl already holds it
+
+def plan_recipe(name, recipe, root, output_dir):
+    """-> (jobs, cells). jobs: the distinct runs, ordered so runs on one training subset are adjacent, longest epoch
+    budget first (the feature bank's first run computes what the others read). cells: (run entry, result keys)."""
+    jobs, cells = {}, []
+    for entry in recipe["runs"]:
+        argv = [*entry["argv"], "--root", root, "--output-dir", output_dir]
+        if entry["script"] == "variance.py":
+            key = entry["key"]
+            _, dataset, backbone, split = key
+            job = dict(id=f"variance_{label(dataset)}_{backbone.replace('/', '-')}_{split}", keys=[key],
+                       checkpoint=None, subset=key, epochs=0)
+            keys = [key, key]
+        else:
+            try:
+                p = train.plan(argv)
+            except (train.RunError, ValueError) as e:
+                raise RecipeError(f"recipe {name}: {shlex.join(['python', 'train.py', *argv])}: {e}") from None
+            s = p["settings"]
+            keys = [(p["run_id"], *target) for target in p["targets"]]
+            resumable = s["method"] not in ("zeroshot", "linear_probe")  # train.py: --resume needs epochs to resume
+            job = dict(id=p["run_id"], keys=keys, checkpoint=os.path.join(p["run_dir"], "checkpoint.pt") if resumable
+                       else None, subset=(s["dataset"], s["subsample"], s["shots"], s["seed"], s["backbone"]),
+                       epochs=s["epochs"] or 0)
+        if len(keys) != len(entry["columns"]):
+            raise RecipeError(f"recipe {name}: {shlex.join(entry['argv'])} has {len(keys)} evaluation targets for "
+                              f"{len(entry['columns'])} columns")
+        job["command"] = ["python", entry["script"], *argv]
+        if job["id"] in jobs and jobs[job["id"]]["keys"] != job["keys"]:
+            raise RecipeError(f"recipe {name}: run {job['id']} appears with two sets of evaluation targets: "
+                              f"{jobs[job['id']]['keys']} and {job['keys']}")
+        jobs.setdefault(job["id"], job)
+        cells.append((entry, keys))
+    first = {}
+    for job in jobs.values():
+        first.setdefault(job["subset"], len(first))
+    return sorted(jobs.values(), key=lambda j: (first[j["subset"]], -j["epochs"])), cells
+
+
+def read_results(output_dir):
+    """results.jsonl -> {key: the last row}: (run_id, dataset, subsample) for train.py rows, ("variance", dataset,
+    backbone, split) for variance.py rows."""
+    path, results = os.path.join(output_dir, "results.jsonl"), {}
+    if not os.path.isfile(path):
+        return results
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a crash: that run is simply not done
+                continue
+            if row.get("kind") == "variance":
+                results[("variance", row["dataset"], row["backbone"], row["split"])] = row
+            elif "run_id" in row and not row.get("kind"):
+                results[(row["run_id"], row["dataset"], row["subsample"])] = row
+    return results
+
+
+def pending(jobs, results):
+    return [job for job in jobs if any(key not in results for key in job["keys"])]
+
+
+def command_of(job):
+    """The job's command; with --resume where its checkpoint exists (train.py refuses --resume without one)."""
+    resume = job["checkpoint"] and os.path.isfile(job["checkpoint"])
+    return job["command"] + (["--resume"] if resume else [])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Running: one process per GPU, each run's output in OUTPUT/logs/<run id>.log
+
+def execute(command, env, log_path):
+    """Run `command` (["python", "train.py", ...]) from the repository root, its output appended to log_path;
+    -> its exit code. The one place a run is started (tests replace it)."""
+    with open(log_path, "a") as log:
+        log.write(f"$ {shlex.join(command)}\n")
+        log.flush()
+        return subprocess.run([sys.executable, *command[1:]], cwd=HERE, env=env, stdout=log,
+                              stderr=subprocess.STDOUT).returncode
+
+
+def last_line(path):
+    with open(path, errors="replace") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return lines[-1] if lines else "(empty log)"
+
+
+def gpu_ids(count):
+    """The CUDA device each worker is pinned to: the visible devices in order; [None] for one unpinned worker."""
+    if count is None:
+        count = torch.cuda.device_count()
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    ids = visible if visible else [str(i) for i in range(count)]
+    return ids[:count] if count else [None]
+
+
+def run_all(jobs, gpus, output_dir):
+    """Run the jobs, one worker per GPU (each taking the next job when its last ends); -> [(job, log, last line)] of
+    those that failed. The others go on."""
+    logs = os.path.join(output_dir, "logs")
+    try:
+        os.makedirs(logs, exist_ok=True)
+    except OSError as e:
+        raise RecipeError(f"cannot create {logs} ({e.strerror or e}): choose another --output-dir") from None
+    todo, failed, lock, stop = queue.SimpleQueue(), [], threading.Lock(), threading.Event()
+    for i, job in enumerate(jobs, 1):
+        todo.put((i, job))
+
+    def worker(gpu):
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **({} if gpu is None else {"CUDA_VISIBLE_DEVICES": gpu}))
+        while not stop.is_set():
+            try:
+                i, job = todo.get_nowait()
+            except queue.Empty:
+                return
+            command, log, start = command_of(job), os.path.join(logs, f"{job['id']}.log"), time.time()
+            with lock:
+                print(f"[{i}/{len(jobs)}]{'' if gpu is None else f' GPU {gpu}'}: {shlex.join(command)}", flush=True)
+            code = execute(command, env, log)
+            with lock:
+                status = "done" if code == 0 else f"FAILED (exit {code})"
+                seconds = time.time() - start
+                took = f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
+                print(f"[{i}/{len(jobs)}] {status} in {took} | log {log}", flush=True)
+                if code != 0:
+                    failed.append((job, log, last_line(log)))
+
+    threads = [threading.Thread(target=worker, args=(gpu,), daemon=True) for gpu in gpus]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(0.5)
+    except KeyboardInterrupt:
+        stop.set()
+        raise
+    return failed
+
+
+def write_slurm(path, name, commands, output_dir, argv):
+    """A Slurm array job: task i runs commands[i] (one GPU each)."""
+    lines = ["#!/bin/bash",
+             f"#SBATCH --job-name={name}",
+             f"#SBATCH --array=0-{len(commands) - 1}",
+             "#SBATCH --gres=gpu:1",
+             "#SBATCH --cpus-per-task=8",
+             f"#SBATCH --output={os.path.join(output_dir, 'logs', 'slurm-%A_%a.log')}",
+             f"# {len(commands)} runs still missing, written by: {shlex.join(['python', 'reproduce.py', *argv])}",
+             "# add #SBATCH lines for your cluster (partition, time); rerun the line above after failures",
+             f"cd {shlex.quote(HERE)}",
+             "RUNS=(",
+             *(f"  {shlex.quote(shlex.join(c))}" for c in commands),
+             ")",
+             'eval "${RUNS[$SLURM_ARRAY_TASK_ID]}"']
+    try:
+        os.makedirs(os.path.join(output_dir, "logs"), exist_ok=True)  # Slurm does not create the --output folder
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+    except OSError as e:
+        raise RecipeError(f"cannot write {path} ({e.strerror or e}): choose another path") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report: cells from results.jsonl, derived cells, the paper's numbers beside them
+
+def stat(samples):
+    """Mean, sample standard deviation (ddof=1; None for one sample) and count."""
+    return dict(mean=statistics.mean(samples), std=statistics.stdev(samples) if len(samples) > 1 else None,
+                n=len(samples))
+
+
+def measured(found, wanted):
+    """A cell from {choice: {sample: value}} found and {choice: {samples}} wanted. One choice: its mean ± std. A grid
+    of choices: the choice with the best mean, once every choice has all its samples (Rethinking §5.1)."""
+    complete = all(wanted[c] <= set(found.get(c, {})) for c in wanted)
+    if len(wanted) > 1:
+        if not complete:
+            return None
+        stats = {c: stat(list(found[c].values())) for c in wanted}
+        best = max(stats, key=lambda c: stats[c]["mean"])
+        return dict(stats[best], complete=True, selected=best)
+    samples = [v for c in wanted for v in found.get(c, {}).values()]
+    return dict(stat(samples), complete=complete, selected=None) if samples else None
+
+
+def combine(op, cells):
+    """A derived cell: mean, diff, hm or ratio of the cells' means; None unless every cell has a value."""
+    if not cells or any(c is None for c in cells):
+        return None
+    m = [c["mean"] for c in cells]
+    if op == "mean":
+        value = sum(m) / len(m)
+    elif op == "diff":
+        value = m[0] - m[1]
+    elif op == "hm":
+        value = 2 * m[0] * m[1] / (m[0] + m[1]) if m[0] + m[1] else 0.0
+    elif op == "ratio":
+        value = m[0] / m[1] if m[1] else math.inf
+    else:
+        raise RecipeError(f"unknown derived cell {op!r}: use mean, diff, hm or ratio")
+    return dict(mean=value, std=None, n=None, complete=all(c["complete"] for c in cells), selected=None)
+
+
+def operands(op, args):
+    return args[0] if op == "mean" else args
+
+
+def compute(recipe, cells, results):
+    """-> {table name: {(row, column): cell or None}} for every table of the recipe, and the missing base cells."""
+    found, wanted = {}, {}
+    for entry, keys in cells:
+        for column, key, metric in zip(entry["columns"], keys, entry["metric"]):
+            cell = (entry["table"], entry["row"], column)
+            wanted.setdefault(cell, {}).setdefault(entry["choice"], set()).add(entry["sample"])
+            if key in results:
+                found.setdefault(cell, {}).setdefault(entry["choice"], {})[entry["sample"]] = \
+                    METRICS[metric](results[key])
+    out, missing = {}, []
+    for spec in sorted(recipe["tables"], key=lambda t: bool(t["mean_of"])):  # tables others average come first
+        t = out[spec["name"]] = {}
+        for r in spec["rows"]:
+            for c in spec["columns"]:
+                if spec["mean_of"]:
+                    t[r, c] = combine("mean", [out[name].get((r, c)) for name in spec["mean_of"]])
+                    continue
+                got, want = found.get((spec["name"], r, c), {}), wanted.get((spec["name"], r, c), {})
+                t[r, c] = measured(got, want)
+                n_got, n_want = sum(len(got.get(choice, {})) for choice in want), sum(map(len, want.values()))
+                if n_got < n_want:
+                    missing.append(f"{spec['name']} | {r} | {c}: {n_got} of {n_want} runs")
+        for r, (op, *args) in spec["derived_rows"].items():
+            for c in spec["columns"]:
+                t[r, c] = combine(op, [t.get((x, c)) for x in operands(op, args)])
+        for c, (op, *args) in spec["derived_columns"].items():
+            for r in spec["rows"] + list(spec["derived_rows"]):
+                t[r, c] = combine(op, [t.get((r, x)) for x in operands(op, args)])
+    return out, missing
+
+
+def published_mean(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def format_table(spec, cells):
+    rows, columns = spec["rows"] + list(spec["derived_rows"]), spec["columns"] + list(spec["derived_columns"])
+    base = set(spec["rows"]) if not spec["mean_of"] else set()
+    digits = lambda c: spec["digits"].get(c, 2) if isinstance(spec["digits"], dict) else spec["digits"]
+
+    def text(r, c):
+        cell = cells.get((r, c))
+        if cell is None:
+            return "missing" if r in base and c in spec["columns"] else "-"
+        std = "" if cell["std"] is None else f"±{cell['std']:.{digits(c)}f}"
+        return f"{cell['mean']:.{digits(c)}f}{std}{'' if cell['complete'] else '*'}"
+
+    def paper_text(r, c):
+        value = spec["published"].get((r, c))
+        if value is None:
+            return ""
+        return f"{value[0]}±{value[1]}" if isinstance(value, tuple) else f"{value:.{digits(c)}f}"
+
+    def diff_text(r, c):
+        value, cell = spec["published"].get((r, c)), cells.get((r, c))
+        if value is None:
+            return ""
+        return "-" if cell is None else f"{cell['mean'] - published_mean(value):+.{digits(c)}f}"
+
+    grid = [["", *columns]]
+    for r in rows:
+        grid.append([r, *(text(r, c) for c in columns)])
+        if any((r, c) in spec["published"] for c in columns):
+            grid.append(["  paper", *(paper_text(r, c) for c in columns)])
+            grid.append(["  diff", *(diff_text(r, c) for c in columns)])
+    widths = [max(len(line[i]) for line in grid) for i in range(len(grid[0]))]
+    title = f"{spec['name']}" + (f" ({spec['title']})" if spec["title"] else "")
+    lines = [title] + ["  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(line, widths)))
+                       .rstrip() for line in grid]
+    chosen = {r: [f"{c}: {cells[r, c]['selected']}" for c in spec["columns"]
+                  if (cells.get((r, c)) or {}).get("selected")] for r in spec["rows"]}
+    lines += [f"selected for {r} ({', '.join(v)})" for r, v in chosen.items() if v]
+    if spec["note"]:
+        lines.append(f"note: {spec['note']}")
+    return "\n".join(lines)
+
+
+def report(name, recipe, cells, results, csv_path=None, limit=20):
+    tables, missing = compute(recipe, cells, results)
+    print(f"{name}: {recipe['title']}")
+    print("cells: mean±std over seeds (std: sample standard deviation, ddof=1; one seed: no std); * fewer runs than "
+          "planned; missing/-: no value (never 0); paper: the published number; diff: measured - paper")
+    if recipe.get("note"):
+        print(f"note: {recipe['note']}")
+    for spec in recipe["tables"]:
+        print()
+        print(format_table(spec, tables[spec["name"]]))
+    print()
+    if missing:
+        print(f"missing: {len(missing)} cells lack runs (python reproduce.py {name} --dry-run lists them)")
+        for line in missing[:limit]:
+            print(f"  {line}")
+        if len(missing) > limit:
+            print(f"  ... and {len(missing) - limit} more")
+    else:
+        print("complete: every cell has all its runs")
+    if csv_path:
+        write_csv(csv_path, name, recipe, tables)
+        print(f"wrote {csv_path}")
+
+
+def write_csv(path, name, recipe, tables):
+    """One line per cell, derived ones included: recipe, table, row, column, mean, std, n, published, diff, selected."""
+    try:
+        with open(path, "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["recipe", "table", "row", "column", "mean", "std", "n", "published", "diff", "selected"])
+            for spec in recipe["tables"]:
+                t = tables[spec["name"]]
+                for r in spec["rows"] + list(spec["derived_rows"]):
+                    for c in spec["columns"] + list(spec["derived_columns"]):
+                        cell, value = t.get((r, c)) or {}, spec["published"].get((r, c))
+                        paper_mean = None if value is None else published_mean(value)
+                        diff = None if not cell or paper_mean is None else cell["mean"] - paper_mean
+                        blank = lambda x: "" if x is None else x
+                        out.writerow([name, spec["name"], r, c, *map(blank, [cell.get("mean"), cell.get("std"),
+                                      cell.get("n"), paper_mean, diff, cell.get("selected")])])
+    except OSError as e:
+        raise RecipeError(f"cannot write {path} ({e.strerror or e}): choose another --csv path") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+
+def listing():
+    print("recipes (python reproduce.py RECIPE --root DATA [--dry-run | --slurm FILE | --report]):\n")
+    print(f"{'recipe':<20}{'runs':>6}{'trained':>9}{'epochs':>10}  title")
+    for name, recipe in RECIPES.items():
+        jobs, _ = plan_recipe(name, recipe, "DATA", "output")
+        trained = [j for j in jobs if j["epochs"]]
+        print(f"{name:<20}{len(jobs):>6}{len(trained):>9}{sum(j['epochs'] for j in trained):>10,}  {recipe['title']}")
+    print("\nruns: distinct train.py/variance.py runs (shared cells count once); trained: runs with an epoch budget; "
+          "epochs: their sum (a step count needs the datasets' sizes)")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", nargs="?", help=f"one of: {', '.join(RECIPES)} (none: list them)")
+    p.add_argument("--root", default=os.environ.get("DATA", "DATA"), help="folder holding the datasets ($DATA), "
+                   "passed to every run")
+    p.add_argument("--output-dir", default="output", help="passed to every run: runs, logs/ and results.jsonl go here "
+                   "(both paths are made absolute, so the commands run from anywhere in the repository)")
+    p.add_argument("--gpus", type=int, help="runs at once, each on one GPU (CUDA_VISIBLE_DEVICES=i); default: every "
+                   "visible GPU, or one at a time on CPU")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="print the commands still to run (with --resume where a "
+                      "checkpoint exists), then their count")
+    mode.add_argument("--slurm", metavar="FILE", help="write a Slurm array job script, one task per run still to do")
+    mode.add_argument("--report", action="store_true", help="print the recipe's tables from results.jsonl beside the "
+                      "published numbers")
+    mode.add_argument("--list", action="store_true", help="list the recipes with their run and epoch counts")
+    p.add_argument("--csv", metavar="FILE", help="with --report: also write one line per cell (recipe, table, row, "
+                   "column, mean, std, n, published, diff, selected)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    try:
+        if args.list or not args.recipe:
+            return listing()
+        if args.recipe not in RECIPES:
+            close = difflib.get_close_matches(args.recipe, RECIPES, n=1)
+            raise RecipeError(f"unknown recipe {args.recipe!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                              + f"; choose from {', '.join(RECIPES)}")
+        if args.gpus is not None and args.gpus < 0:
+            raise RecipeError(f"--gpus must be 0 or more (got {args.gpus})")
+        root, out = os.path.abspath(args.root), os.path.abspath(args.output_dir)
+        recipe = RECIPES[args.recipe]
+        jobs, cells = plan_recipe(args.recipe, recipe, root, out)
+        results = read_results(out)
+        if args.report or args.csv:
+            return report(args.recipe, recipe, cells, results, args.csv)
+        todo = pending(jobs, results)
+        summary = f"{len(todo)} runs to do ({len(jobs) - len(todo)} of {len(jobs)} done)"
+        if args.dry_run:
+            for job in todo:
+                print(shlex.join(command_of(job)))
+            print(summary)
+            return
+        if args.slurm:
+            if not todo:
+                print(f"nothing to do: all {len(jobs)} runs are done; no script written")
+                return
+            write_slurm(args.slurm, args.recipe, [command_of(job) for job in todo], out, argv)
+            print(f"wrote {args.slurm}: {summary}\nsubmit it with: sbatch {shlex.quote(args.slurm)}")
+            if len(todo) > 1000:
+                print(f"note: {len(todo)} array tasks; clusters often cap an array at 1001 (MaxArraySize): submit it "
+                      f"in parts, e.g. sbatch --array=0-999 {shlex.quote(args.slurm)}, then --array=1000-1999, ...")
+            print(f"then: python reproduce.py {args.recipe} --report (after failures, run the same --slurm command "
+                  "again: it writes only what is missing)")
+            return
+        print(summary)
+        failed = run_all(todo, gpu_ids(args.gpus), out)
+        left = pending(jobs, read_results(out))
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to do what is missing (trained runs resume from their "
+              "checkpoints)", file=sys.stderr)
+        sys.exit(130)
+    for job, log, line in failed:
+        print(f"FAILED {shlex.join(job['command'])}\n  log {log}\n  {line}", file=sys.stderr)
+    print(f"{len(jobs) - len(left)} of {len(jobs)} runs done" + (f"; {len(failed)} failed" if failed else "")
+          + (f"; run the same command again to retry the {len(left)} missing" if left else "")
+          + (f". Report: python reproduce.py {args.recipe} --report" if not left else ""))
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
