@@ -159,6 +159,7 @@ def bench_method(clip, margs, K, precision, batch, args, device):
     """-> the row's cells after `batch`: ms/step, img/s, peak memory (and compile seconds)."""
     blank = [""] * (2 + args.compile)
     autocast, scaler, _ = train.setup_precision(precision, device)
+    torch.cuda.empty_cache()  # the previous row's model is gone: its cached blocks too
     try:
         model = train.build_method(margs, clip, [f"class name {i}" for i in range(K)]).to(device)  # 3-4 BPE tokens
     except clip_model.CLIPError as e:  # e.g. VPT on a ResNet
@@ -190,9 +191,6 @@ def bench_method(clip, margs, K, precision, batch, args, device):
         seconds = time_steps(step, args.steps, device)
     except torch.cuda.OutOfMemoryError:
         return ["out of memory"] + blank
-    finally:
-        del model, optimizer, forward
-        torch.cuda.empty_cache()
     memory = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device == "cuda" else "n/a"
     return [f"{seconds * 1000:.1f}", f"{batch / seconds:.1f}", memory] + [f"{compile_seconds:.1f}"] * args.compile
 
@@ -214,7 +212,7 @@ SWEEP_LR = {"coop": ["2e-2", "2e-3", "2e-4"], "linear_ft": ["2e-1", "2e-2", "2e-
 def sweep(clip, args):
     """-> wall seconds of the whole grid through train.run, with the feature bank and without, each in a fresh output
     dir (so each pays its own test features once) on the same synthetic subset: K classes x shots images."""
-    K, res, g = args.classes[0], clip.visual.input_resolution, torch.Generator().manual_seed(0)
+    K, g = args.classes[0], torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
         backbone = os.path.join(folder, "backbone.pt")
         torch.save({k: v.half() for k, v in clip.state_dict().items()}, backbone)  # OpenAI's fp16 state dict format

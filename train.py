@@ -852,6 +852,9 @@ def main(argv=None):
     except Interrupted as e:
         print(e, file=sys.stderr)
         sys.exit(130)
+    except KeyboardInterrupt:  # before training started
+        print("interrupted before training: nothing was saved", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Shared test fixtures: tiny randomly initialised CLIPs (ViT and ResNet) in OpenAI's real checkpoint formats, a tiny
 folder dataset, and train.py command lines that pass each method only the options it reads."""
 import copy
+import json
 import os
 import sys
 
@@ -98,3 +99,9 @@ def train_argv(method, dataset, backbone, out, **options):
         flag = "--" + key.replace("_", "-")
         argv += [flag] if value is True else [flag, str(value)]
     return argv
+
+
+def read_rows(out):
+    """The rows of OUT/results.jsonl, in order."""
+    with open(os.path.join(out, "results.jsonl")) as f:
+        return [json.loads(line) for line in f]

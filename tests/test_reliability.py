@@ -23,7 +23,7 @@ from PIL import Image
 import data
 import train
 import variance
-from conftest import train_argv, write_colour_folder
+from conftest import read_rows, train_argv, write_colour_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -475,10 +475,6 @@ def test_kill_9_at_random_moments_then_resume_equals_the_uninterrupted_run(vit_c
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Results are never lost nor overwritten
-
-def read_rows(out):
-    with open(os.path.join(out, "results.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_resuming_a_finished_run_evaluates_it_and_writes_a_lost_row_again(folder, vit_checkpoint, tmp_path):

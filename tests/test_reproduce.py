@@ -13,14 +13,10 @@ import pytest
 
 import reproduce
 import train
-from conftest import write_colour_folder
+from conftest import read_rows, write_colour_folder
 
 SEEDS2 = [1, 2]
 
-
-def read_rows(out):
-    with open(os.path.join(out, "results.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def in_process(calls):

@@ -1,6 +1,5 @@
 """Run records (issue 8): cross-dataset evaluation built from the trained state, class-specific rows matched by WordNet
 id (ImageNet's duplicate names), complete rows, and run folders that never collide."""
-import json
 import os
 
 import pytest
@@ -9,7 +8,7 @@ from PIL import Image
 
 import data
 import train
-from conftest import train_argv
+from conftest import read_rows, train_argv
 
 # Six ImageNet classes with both "missile" (657, 744) and both "sunglasses" (836, 837): tiny ImageNet, -Sketch, -A, -R
 WNIDS = {i: data.IMAGENET_WNIDS[i] for i in (0, 1, 657, 744, 836, 837)}
@@ -40,10 +39,6 @@ def argv(method, root, backbone, out, **options):
     return train_argv(method, "imagenet", backbone, out, shots=2, epochs=2, batch_size=4, lr=0.5,
                       **options) + ["--root", root]
 
-
-def rows(out):
-    with open(os.path.join(out, "results.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_imagenet_fixture_has_the_duplicate_names(imagenet_root):
@@ -138,7 +133,7 @@ def test_runs_differing_in_one_setting_keep_their_own_checkpoints(folder, vit_ch
     checkpoints = sorted(os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs if f == "checkpoint.pt")
     assert len(checkpoints) == 2 and {os.path.basename(os.path.dirname(c)) for c in checkpoints} == {
         a[0]["run_id"], b[0]["run_id"]}
-    assert {r["run_id"] for r in rows(tmp_path)} == {a[0]["run_id"], b[0]["run_id"]}
+    assert {r["run_id"] for r in read_rows(tmp_path)} == {a[0]["run_id"], b[0]["run_id"]}
     with pytest.raises(SystemExit):
         train.main(train_argv("coop", folder, vit_checkpoint, tmp_path, n_ctx=2, lr=0.02, resume=True))
     error = capsys.readouterr().err

@@ -1,6 +1,5 @@
 """train.py end to end on a tiny image folder and a tiny real-format CLIP: every method, resume, eval-only, base-to-new,
 the command line."""
-import json
 import os
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import pytest
 import torch
 
 import train
-from conftest import train_argv
+from conftest import read_rows, train_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -17,10 +16,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run(method, folder, checkpoint, out, **options):
     return train.run(train.parse_args(train_argv(method, folder, checkpoint, out, **options)))
 
-
-def read_results(out):
-    with open(os.path.join(out, "results.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def checkpoint_of(out):
@@ -31,7 +26,7 @@ def checkpoint_of(out):
 @pytest.mark.parametrize("method", train.METHODS)
 def test_every_method_trains_and_reports(method, folder, vit_checkpoint, tmp_path):
     results = run(method, folder, vit_checkpoint, tmp_path)
-    row = read_results(tmp_path)[-1]
+    row = read_rows(tmp_path)[-1]
     assert row == results[-1]
     assert set(train.IDENTITY) < set(row) and row["run_id"] == train.run_id({k: row[k] for k in train.IDENTITY} |
                                                                               {"dataset": row["train_dataset"],
@@ -73,7 +68,7 @@ def test_eval_only_reproduces_accuracy_with_the_checkpoints_settings(folder, vit
     assert list(state["model"]) == ["ctx"] and state["args"]["method"] == "coop"
     evaluated = train.run(train.parse_args(["--method", "coop", "--dataset", folder, "--output-dir", str(tmp_path),
                                             "--eval-only", "--checkpoint", path, "--workers", "0"]))
-    row = read_results(tmp_path)[-1]
+    row = read_rows(tmp_path)[-1]
     assert evaluated[-1]["accuracy"] == trained[-1]["accuracy"] and row["eval_only"] is True
     assert (row["seed"], row["shots"], row["epochs"], row["n_ctx"]) == (2, 2, 3, 4)  # from the checkpoint, not defaults
     assert row["run_id"] == trained[-1]["run_id"] and row["checkpoint"] == path
