@@ -672,11 +672,9 @@ def train_and_evaluate(args, settings, directory, commit, ds, targets, device, a
     torch.manual_seed(args.seed or 0)  # prompt initialisation; the few-shot subset has its own seeded RNG
     clip, _ = clip_model.load(args.backbone, device)
     build = lambda names: build_method(args, clip, names).to(device)
-    try:
+    try:  # every target's model built before training: its prompts are checked to fit CLIP's context
         model = build(classnames)
-        for _, target in targets:  # every target's prompts fit CLIP's context: checked before training
-            if target.class_ids != class_ids and args.method != "linear_probe":
-                build(target.classnames)
+        others = {key: build(target.classnames) for key, target in targets if target.class_ids != class_ids}
     except clip_model.TextTooLong as e:
         raise too_long(e, args, [c for _, t in targets for c in t.classnames]) from None
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -695,9 +693,8 @@ def train_and_evaluate(args, settings, directory, commit, ds, targets, device, a
 
     rows = []
     for (name, subsample), target in targets:
-        model = trained
-        if target.class_ids != class_ids:  # other classes: built from the trained state (never from another target's)
-            model = build(target.classnames)
+        model = others.get((name, subsample), trained)
+        if model is not trained:  # other classes: the trained state restricted to them (never another target's)
             model.load_state_dict(restrict_to_classes(trained_state, args.method, args.csc, class_ids, target.class_ids),
                                   strict=False)
         t0 = time.time()
