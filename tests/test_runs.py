@@ -138,3 +138,33 @@ def test_runs_differing_in_one_setting_keep_their_own_checkpoints(folder, vit_ch
         train.main(train_argv("coop", folder, vit_checkpoint, tmp_path, n_ctx=2, lr=0.02, resume=True))
     error = capsys.readouterr().err
     assert "--resume: no checkpoint with these settings" in error and "differs in --lr" in error
+
+
+# Run ids of existing settings, pinned: output folders and reproduce.py's "already done" depend on them never changing.
+GOLDEN_RUN_IDS = [
+    ("--method upt --dataset dtd --shots 8", "ff71ce7b66eb"),
+    ("--method coop --dataset imagenet", "08727b59c284"),
+    ("--method coop --dataset dtd --shots 4 --seed 2 --csc --class-token-position middle --ctx-init a_photo_of_a",
+     "fae84f5ea38e"),
+    ("--method cocoop --dataset dtd --subsample base", "48249e374081"),
+    ("--method vpt_deep --dataset eurosat --shots 1 --released-code --backbone RN50", "587096ede6f0"),
+    ("--method zeroshot --dataset dtd --prompt randtoken", "ba253baa8995"),
+    ("--method zeroshot --dataset oxford_pets --prompt ensemble", "dbc974d8841c"),
+    ("--method linear_ft --dataset dtd --lr 0.2 --epochs 50 --no-feature-bank", "60c06dd55d14"),
+    ("--method linear_probe --dataset caltech101 --shots 2", "0a6884b57ce1"),
+    ("--method upt_mlp --dataset dtd --depth 3 --precision fp32", "602031129cab"),
+]
+
+
+@pytest.mark.parametrize("command, golden", GOLDEN_RUN_IDS)
+def test_golden_run_ids(command, golden):
+    argv = [word.replace("_", " ") if word == "a_photo_of_a" else word for word in command.split()]
+    plan = train.plan(argv)
+    assert plan["run_id"] == golden
+    assert os.path.basename(plan["run_dir"]) == golden
+    assert plan["run_dir"].startswith(os.path.join("output", argv[3], argv[1], ""))
+
+
+def test_golden_run_dir():
+    assert train.plan(GOLDEN_RUN_IDS[0][0].split())["run_dir"] == os.path.join("output", "dtd", "upt", "ViT-B-16",
+                                                                               "s8_seed1_all", "ff71ce7b66eb")
