@@ -23,6 +23,7 @@ from PIL import Image
 
 import clip_model
 import data
+import runs
 import train
 
 # Official layouts, as CLIP(embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
@@ -102,8 +103,8 @@ def parse_args(argv):
 def method_args(method):
     """train.py's resolved settings of the method: the papers' defaults (batch size included)."""
     try:
-        args = train.resolve(train.parse_args(["--method", method, "--dataset", "dtd"]))
-    except train.RunError as e:  # unknown method, with "did you mean"
+        args = runs.resolve(train.parse_args(["--method", method, "--dataset", "dtd"]))
+    except runs.RunError as e:  # unknown method, with "did you mean"
         raise BenchError(str(e)) from None
     if args.batch_size is None:  # zeroshot, linear_probe
         raise BenchError(f"{method} takes no SGD steps to time: choose methods trained by SGD, e.g. coop, linear_ft")
@@ -158,7 +159,7 @@ def time_steps(step, steps, device):
 def bench_method(clip, margs, K, precision, batch, args, device):
     """-> the row's cells after `batch`: ms/step, img/s, peak memory (and compile seconds)."""
     blank = [""] * (2 + args.compile)
-    autocast, scaler, _ = train.setup_precision(precision, device)
+    _, autocast, scaler, _ = train.setup_precision(precision, device)
     torch.cuda.empty_cache()  # the previous row's model is gone: its cached blocks too
     try:
         model = train.build_method(margs, clip, [f"class name {i}" for i in range(K)]).to(device)  # 3-4 BPE tokens
@@ -301,7 +302,7 @@ def main(argv=None):
           + ("; torch.compile, compile s = the first step, not timed" if args.compile else "") + ".\n")
     print(table(["method", "K", "precision", "batch", "ms/step", "img/s", "peak mem"] + ["compile s"] * args.compile),
           flush=True)
-    precisions = {train.setup_precision(p, device)[2]: p for p in args.precision}  # on CPU, amp is fp32: once
+    precisions = {train.setup_precision(p, device).precision: p for p in args.precision}  # on CPU, amp is fp32: once
     for label, precision in precisions.items():
         for K in args.classes:
             for method, margs in args.methods.items():

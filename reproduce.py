@@ -27,6 +27,7 @@ import time
 
 import torch
 
+import runs
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -390,7 +391,7 @@ def plan_recipe(name, recipe, root, output_dir):
         else:
             try:
                 p = train.plan(argv)
-            except (train.RunError, ValueError) as e:
+            except (runs.RunError, ValueError) as e:
                 raise RecipeError(f"recipe {name}: {shlex.join(['python', 'train.py', *argv])}: {e}") from None
             s = p["settings"]
             keys = [(p["run_id"], *target) for target in p["targets"]]

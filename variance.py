@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 import clip_model
 import data
+import runs
 import train
+from features import image_features
 from zeroshot import TEMPLATES, ZeroShot
 
 
@@ -43,18 +45,20 @@ def main(argv=None):
         if not items:
             raise data.DataError(f"{args.dataset}'s {args.split} split is empty: pick another --split")
         clip, _ = clip_model.load(args.backbone, device)
-        autocast, _, _ = train.setup_precision("amp", device)
+        compute = train.setup_precision("amp", device)
         transform = data.test_transform(clip.visual.input_resolution)
-        features = F.normalize(train.image_features(clip, items, transform, args, device, autocast).float(), dim=-1)
+        features = F.normalize(image_features(clip, items, transform, backbone=args.backbone, output_dir=args.output_dir,
+                                              workers=args.workers, device=device, autocast=compute.autocast).float(),
+                               dim=-1)
         labels = torch.tensor([label for _, label in items])
         template = TEMPLATES.get(args.dataset, "a photo of a {}.")
         text = ZeroShot(clip, ds.classnames, templates=[template]).text_features
         var_v, var_t = intra_class_visual_variance(features, labels), inter_class_text_variance(text.float().cpu())
         print(f"{args.dataset}: intra-class visual variance {var_v:.4f} | inter-class text variance {var_t:.4f}")
-        train.append_rows(os.path.join(args.output_dir, "results.jsonl"), [dict(
+        runs.append_rows(os.path.join(args.output_dir, "results.jsonl"), [dict(
             kind="variance", dataset=args.dataset, backbone=args.backbone, split=args.split, var_v=var_v, var_t=var_t,
-            template=template, images=len(items), classes=len(ds.classnames), git=train.git_commit())])
-    except (data.DataError, clip_model.CLIPError, train.RunError) as e:
+            template=template, images=len(items), classes=len(ds.classnames), git=runs.git_commit())])
+    except (data.DataError, clip_model.CLIPError, runs.RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     return var_v, var_t

@@ -88,13 +88,13 @@ def folder(tmp_path_factory):
 
 
 def train_argv(method, dataset, backbone, out, **options):
-    """A train.py command line with small settings, each passed only to a method that reads it (train.USED_BY)."""
-    import train
+    """A train.py command line with small settings, each passed only to a method that reads it (runs.USED_BY)."""
+    import runs
     small = dict(shots=4, epochs=2, batch_size=4, lr=0.01)
     argv = ["--method", method, "--dataset", dataset, "--backbone", backbone, "--output-dir", str(out),
             "--workers", "0"]
     for key, value in {**small, **options}.items():
-        if key in train.USED_BY and method not in train.USED_BY[key] and key in small:
+        if key in runs.USED_BY and method not in runs.USED_BY[key] and key in small:
             continue
         flag = "--" + key.replace("_", "-")
         argv += [flag] if value is True else [flag, str(value)]

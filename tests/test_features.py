@@ -12,6 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import features
+import runs
 import train
 from conftest import make_tiny_clip, save_state_dict, train_argv
 from upt import UPT
@@ -38,12 +40,12 @@ def test_feature_cache_is_reused_by_another_process_and_not_after_new_weights(fo
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     [cached] = glob.glob(str(tmp_path / "out" / "feature_cache" / "*.pt"))
-    monkeypatch.setattr(train, "encode_all", no_encoding)
+    monkeypatch.setattr(features, "encode_all", no_encoding)
     with open(tmp_path / "out" / "results.jsonl") as f:
         first = json.loads(f.readline())
     assert train.run(train.parse_args(argv))[0]["accuracy"] == first["accuracy"]
     save_state_dict(make_tiny_clip("vit", seed=1), backbone)  # the same path, other weights
-    train.backbone_sha256.cache_clear()
+    features.backbone_sha256.cache_clear()
     with pytest.raises(AssertionError, match="computed again"):
         train.run(train.parse_args(argv))
 
@@ -51,10 +53,10 @@ def test_feature_cache_is_reused_by_another_process_and_not_after_new_weights(fo
 def test_feature_cache_stays_under_its_budget(tmp_path):
     paths = [str(tmp_path / f"{i}.pt") for i in range(4)]
     for i, path in enumerate(paths):
-        train.write_features(torch.full((100, 8), float(i)), path, budget=None)
+        features.write_features(torch.full((100, 8), float(i)), path, budget=None)
         os.utime(path, (i, i))  # 0 is the least recently used
     size = os.path.getsize(paths[0])
-    train.write_features(torch.zeros(100, 8), str(tmp_path / "new.pt"), budget=3 * size + 100)  # zip entries carry the file name: sizes differ slightly
+    features.write_features(torch.zeros(100, 8), str(tmp_path / "new.pt"), budget=3 * size + 100)  # zip entries carry the file name: sizes differ slightly
     assert sorted(os.listdir(tmp_path)) == ["2.pt", "3.pt", "new.pt"]
 
 
@@ -91,7 +93,7 @@ def test_bank_epochs_are_shared_by_runs_on_the_same_subset(folder, vit_checkpoin
     assert "0 epochs reused, 3 built" in capsys.readouterr().out
     [bank] = glob.glob(str(tmp_path / "feature_bank" / "*"))
     assert sorted(os.listdir(bank)) == ["epoch0000.pt", "epoch0001.pt", "epoch0002.pt", "lock"]
-    monkeypatch.setattr(train, "encode_all", no_encoding)  # other methods, lr and budgets read the same epochs
+    monkeypatch.setattr(features, "encode_all", no_encoding)  # other methods, lr and budgets read the same epochs
     run("linear_ft", folder, vit_checkpoint, tmp_path, epochs=2, lr=0.1)
     run("cocoop", folder, vit_checkpoint, tmp_path, epochs=3, batch_size=4)
     assert capsys.readouterr().out.count("epochs reused, 0 built") == 2
@@ -105,7 +107,7 @@ def test_bank_epochs_are_shared_by_runs_on_the_same_subset(folder, vit_checkpoin
 def test_bank_off_or_over_budget_trains_from_images(folder, vit_checkpoint, tmp_path, monkeypatch, capsys):
     assert run("coop", folder, vit_checkpoint, tmp_path, n_ctx=2, no_feature_bank=True)[0]["train_from"] == "images"
     assert not os.path.exists(tmp_path / "feature_bank")
-    monkeypatch.setattr(train, "BANK_BUDGET", 1000)
+    monkeypatch.setattr(features, "BANK_BUDGET", 1000)
     assert run("linear_ft", folder, vit_checkpoint, tmp_path)[0]["train_from"] == "images"
     assert "is over the budget" in capsys.readouterr().out and not os.path.exists(tmp_path / "feature_bank")
 
@@ -119,10 +121,11 @@ def test_upt_prompt_side_runs_once_per_evaluation(folder, tiny_vit, tmp_path, mo
     model = UPT(copy.deepcopy(tiny_vit), ds.classnames).eval()
     calls = []
     model.theta.register_forward_hook(lambda *a: calls.append(1))
-    args = train.resolve(train.parse_args(train_argv("upt", folder, "ViT-B/16", tmp_path)))
+    args = runs.resolve(train.parse_args(train_argv("upt", folder, "ViT-B/16", tmp_path)))
     monkeypatch.setattr(data, "make_loader", lambda items, transform, batch_size, **kw: torch.utils.data.DataLoader(
         data.ImageList(items, transform), batch_size=3))  # 4 batches of the 12 test images
-    accuracy = train.evaluate(model, ds.test, len(ds.classnames), args, "cpu", torch.autocast("cpu", enabled=False))
+    accuracy = train.evaluate(model, ds.test, len(ds.classnames), args,
+                              train.Compute("cpu", torch.autocast("cpu", enabled=False), None, "fp32"))
     assert len(calls) == 1  # not once per batch
     with torch.no_grad():
         images = torch.stack([data.test_transform(32)(data.load_image(p)) for p, _ in ds.test])

@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 
 import data
+import features
+import runs
 import train
 import variance
 from conftest import read_rows, train_argv, write_colour_folder
@@ -376,7 +378,7 @@ def assert_same_checkpoint(a, b):
     assert a["optimizer"]["state"], "no optimizer state: nothing was trained"
     for key in ("model", "optimizer", "scaler", "epoch", "classnames", "run_id"):
         same(a[key], b[key], key)
-    assert train.settings_of(a["args"]) == train.settings_of(b["args"])
+    assert runs.settings_of(a["args"]) == runs.settings_of(b["args"])
 
 
 def checkpoint_in(out):
@@ -502,7 +504,7 @@ def test_runs_never_share_a_folder_nor_resume_across_settings(folder, vit_checkp
     assert len(checkpoints) == len(variants)
     for row in rows:  # each run's checkpoint is in its own folder and holds its own settings
         [path] = [c for c in checkpoints if os.path.basename(os.path.dirname(c)) == row["run_id"]]
-        assert train.settings_of(torch.load(path, weights_only=True)["args"]) == {k: row[k] for k in train.IDENTITY}
+        assert runs.settings_of(torch.load(path, weights_only=True)["args"]) == {k: row[k] for k in runs.IDENTITY}
     before = snapshot(tmp_path)
     err = one_line_error(capsys, ["train.py", *train_argv("coop", folder, vit_checkpoint, tmp_path, lr=0.05,
                                                           resume=True)])
@@ -549,13 +551,13 @@ def damage(path, how):
             f.write(content[:len(content) // 2])
     else:  # valid files with other values (checksum kept) or another shape (checksum fits)
         stored = torch.load(path, weights_only=True)
-        features = stored["features"].clone()
+        changed = stored["features"].clone()
         if how == "altered":
-            features[0, 0] += 1
+            changed[0, 0] += 1
         else:
-            features = features[1:]
-            stored["sha256"] = train.tensor_sha256(features)
-        torch.save({**stored, "features": features}, path)
+            changed = changed[1:]
+            stored["sha256"] = features.tensor_sha256(changed)
+        torch.save({**stored, "features": changed}, path)
 
 
 @pytest.mark.parametrize("how", ["garbage", "truncated", "altered", "other shape"])
@@ -583,12 +585,12 @@ def test_a_corrupt_feature_cache_or_bank_is_recomputed_with_a_warning(how, folde
 
 def save_many(path, n):
     for i in range(n):
-        train.save_atomic({"pid": os.getpid(), "i": i, "x": torch.arange(1000.0)}, path)
+        runs.save_atomic({"pid": os.getpid(), "i": i, "x": torch.arange(1000.0)}, path)
 
 
 def append_many(path, n):
     for i in range(n):
-        train.append_rows(path, [{"pid": os.getpid(), "i": i, "pad": "x" * 20000}])
+        runs.append_rows(path, [{"pid": os.getpid(), "i": i, "pad": "x" * 20000}])
 
 
 def start_all(target, args, n=8):
@@ -619,7 +621,7 @@ def test_concurrent_appends_keep_every_row_whole(tmp_path):
 
 
 def hold_lock(path, held, release):
-    with train.locked(path):
+    with runs.locked(path):
         held.set()
         release.wait(60)
 
@@ -642,7 +644,7 @@ def test_a_second_run_of_the_same_settings_says_one_is_running(folder, vit_check
 
 
 def hold_lock_and_fork(path, held, child):
-    with train.locked(path):
+    with runs.locked(path):
         pid = os.fork()  # as a DataLoader worker: it inherits the open lock file
         if pid == 0:
             time.sleep(60)
@@ -663,11 +665,11 @@ def test_the_lock_of_a_killed_run_is_not_held_by_its_orphaned_children(tmp_path)
     assert held.wait(60)
     orphan = child.get(timeout=60)
     try:
-        with pytest.raises(train.RunError, match="busy"), train.locked(path, "busy"):
+        with pytest.raises(runs.RunError, match="busy"), runs.locked(path, "busy"):
             pass
         os.kill(holder.pid, signal.SIGKILL)
         holder.join()  # waitpid: the orphan holds the pipe that join(timeout) would wait on
-        with train.locked(path, "busy"):  # the orphan still lives, and the lock is free
+        with runs.locked(path, "busy"):  # the orphan still lives, and the lock is free
             os.kill(orphan, 0)
     finally:
         os.kill(orphan, signal.SIGKILL)
@@ -678,10 +680,10 @@ def test_the_lock_of_a_killed_run_is_not_held_by_its_orphaned_children(tmp_path)
                                    KeyboardInterrupt()], ids=["ENOSPC", "RuntimeError", "Ctrl-C"])
 def test_a_failing_save_keeps_the_last_checkpoint_and_no_temporary_file(error, tmp_path, monkeypatch):
     path = str(tmp_path / "run" / "checkpoint.pt")
-    train.save_atomic({"epoch": 1}, path)
+    runs.save_atomic({"epoch": 1}, path)
     monkeypatch.setattr(torch, "save", partial_write(error))
-    with pytest.raises(KeyboardInterrupt if isinstance(error, KeyboardInterrupt) else train.RunError) as info:
-        train.save_atomic({"epoch": 2}, path)
+    with pytest.raises(KeyboardInterrupt if isinstance(error, KeyboardInterrupt) else runs.RunError) as info:
+        runs.save_atomic({"epoch": 2}, path)
     if not isinstance(error, KeyboardInterrupt):
         assert str(info.value).startswith(f"cannot write {path} (") and "\n" not in str(info.value)
         assert "free disk space or choose another --output-dir" in str(info.value)
@@ -715,17 +717,17 @@ def fake_clock(step):
 
 
 def test_progress_prints_a_few_plain_lines_to_a_file_and_nothing_for_a_fast_loop(monkeypatch, capsys):
-    monkeypatch.setattr(train, "time", fake_clock(0.1))  # 10 s for 100 items
-    assert list(train.progress(range(100), 100, "epoch 1/2")) == list(range(100))
+    monkeypatch.setattr(runs, "time", fake_clock(0.1))  # 10 s for 100 items
+    assert list(runs.progress(range(100), 100, "epoch 1/2")) == list(range(100))
     lines = capsys.readouterr().out.splitlines()
     assert 3 <= len(lines) <= 4 and lines[-1].startswith("epoch 1/2: 100/100 | ")
     assert all(re.fullmatch(r"epoch 1/2: \d+/100 \| [\d.]+/s \| eta \d+s", line) for line in lines), lines
-    monkeypatch.setattr(train, "time", fake_clock(0.001))  # 0.1 s
-    assert list(train.progress(range(100), 100, "epoch 1/2")) == list(range(100))
+    monkeypatch.setattr(runs, "time", fake_clock(0.001))  # 0.1 s
+    assert list(runs.progress(range(100), 100, "epoch 1/2")) == list(range(100))
     assert capsys.readouterr().out == ""
-    monkeypatch.setattr(train, "time", fake_clock(0.1))
+    monkeypatch.setattr(runs, "time", fake_clock(0.1))
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # a terminal: one line, updated in place
-    list(train.progress(range(100), 100, "epoch 1/2"))
+    list(runs.progress(range(100), 100, "epoch 1/2"))
     out = capsys.readouterr().out
     assert out.count("\r") > 4 and out.count("\n") == 1 and out.endswith("\n")
 

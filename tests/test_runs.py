@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import data
+import runs
 import train
 from conftest import read_rows, train_argv
 
@@ -71,15 +72,15 @@ def test_class_specific_rows_follow_the_wordnet_id_not_the_name(imagenet_root):
     state = {"weight": torch.arange(6.0)[:, None].expand(6, 3).clone()}  # row i holds i
     for name, (_, _, classes) in SUBSETS.items():
         target = data.load_dataset(name, imagenet_root, log=lambda m: None)
-        cut = train.restrict_to_classes(state, "linear_ft", None, source.class_ids, target.class_ids)
+        cut = runs.restrict_to_classes(state, "linear_ft", None, source.class_ids, target.class_ids)
         expected = [source.class_ids.index(WNIDS[c]) for c in sorted(classes, key=lambda c: WNIDS[c])]
         assert cut["weight"][:, 0].tolist() == expected
-    assert train.restrict_to_classes(state, "linear_ft", None, source.classnames, source.classnames) == state  # same
-    with pytest.raises(train.RunError, match="'sunglasses' 2 times"):
-        train.restrict_to_classes(state, "linear_ft", None, source.classnames, ["sunglasses", "tench"])
-    with pytest.raises(train.RunError, match="was not one"):
-        train.restrict_to_classes(state, "linear_ft", None, source.class_ids, ["n99999999"])
-    assert train.restrict_to_classes(state, "upt", None, source.class_ids, ["x"]) == state  # class-agnostic
+    assert runs.restrict_to_classes(state, "linear_ft", None, source.classnames, source.classnames) == state  # same
+    with pytest.raises(runs.RunError, match="'sunglasses' 2 times"):
+        runs.restrict_to_classes(state, "linear_ft", None, source.classnames, ["sunglasses", "tench"])
+    with pytest.raises(runs.RunError, match="was not one"):
+        runs.restrict_to_classes(state, "linear_ft", None, source.class_ids, ["n99999999"])
+    assert runs.restrict_to_classes(state, "upt", None, source.class_ids, ["x"]) == state  # class-agnostic
 
 
 def test_eval_only_of_an_imagenet_checkpoint_keeps_every_row(imagenet_root, vit_checkpoint, tmp_path):
@@ -99,7 +100,7 @@ def test_run_folders_are_readable_and_named_by_every_setting(tmp_path):
     base = ["--dataset", "dtd", "--output-dir", str(tmp_path)]
     plan = train.plan(["--method", "upt", *base])
     assert plan["run_dir"] == os.path.join(str(tmp_path), "dtd", "upt", "ViT-B-16", "s16_seed1_all", plan["run_id"])
-    assert plan["settings"] == {**{k: None for k in train.IDENTITY}, "method": "upt", "dataset": "dtd",
+    assert plan["settings"] == {**{k: None for k in runs.IDENTITY}, "method": "upt", "dataset": "dtd",
                                 "subsample": "all", "backbone": "ViT-B/16", "precision": "amp", "shots": 16, "seed": 1,
                                 "epochs": 200, "lr": 0.002, "batch_size": 32, "n_ctx": 4, "depth": 1,
                                 "released_code": False}

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+import runs
 import train
 from conftest import read_rows, train_argv
 
@@ -23,12 +24,12 @@ def checkpoint_of(out):
     return path
 
 
-@pytest.mark.parametrize("method", train.METHODS)
+@pytest.mark.parametrize("method", runs.METHODS)
 def test_every_method_trains_and_reports(method, folder, vit_checkpoint, tmp_path):
     results = run(method, folder, vit_checkpoint, tmp_path)
     row = read_rows(tmp_path)[-1]
     assert row == results[-1]
-    assert set(train.IDENTITY) < set(row) and row["run_id"] == train.run_id({k: row[k] for k in train.IDENTITY} |
+    assert set(runs.IDENTITY) < set(row) and row["run_id"] == runs.run_id({k: row[k] for k in runs.IDENTITY} |
                                                                               {"dataset": row["train_dataset"],
                                                                                "subsample": row["train_subsample"]})
     assert row["method"] == method and row["git"] and row["precision_used"] == "fp32"
@@ -37,7 +38,7 @@ def test_every_method_trains_and_reports(method, folder, vit_checkpoint, tmp_pat
     assert 0 <= row["accuracy"] <= 100 and 0 <= row["macro_f1"] <= 100
     assert (row["trainable_params"] == 0) == (method == "zeroshot")
     assert row["train_from"] == ("feature bank" if method in ("coop", "cocoop", "linear_ft") else
-                                 "images" if method in train.PROMPTED else None)
+                                 "images" if method in runs.PROMPTED else None)
 
 
 def test_resume_after_interruption_matches_uninterrupted_run(folder, vit_checkpoint, tmp_path, monkeypatch):
@@ -51,7 +52,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(folder, vit_checkpo
             raise KeyboardInterrupt
 
     monkeypatch.setattr(train, "save_atomic", interrupt_after_two_epochs)
-    with pytest.raises(train.Interrupted, match=r"holds epoch 2; add --resume to the same command"):
+    with pytest.raises(runs.Interrupted, match=r"holds epoch 2; add --resume to the same command"):
         run("upt", folder, vit_checkpoint, tmp_path / "cut", epochs=3)
     monkeypatch.setattr(train, "save_atomic", save)
     resumed = run("upt", folder, vit_checkpoint, tmp_path / "cut", epochs=3, resume=True)
