@@ -469,6 +469,21 @@ def load_checkpoint(path):
     return checkpoint
 
 
+def diverged(loss, epoch, args, path, saved_epoch, precision):
+    """The RunError for a training loss that became nan or inf in `epoch`: what to do (the same settings diverge again
+    on --resume: training is exact), and whether the last checkpoint this run saved is usable: only if its parameters
+    are finite and within float16's range (AMP runs them in float16)."""
+    fix = f"loss became {loss} in epoch {epoch + 1}: start the run from scratch with a lower --lr than {args.lr:g}" + \
+        (" or with --precision fp32" if precision == "amp float16" else "") + " (--resume would diverge again)"
+    if not saved_epoch:
+        return RunError(f"{fix}; nothing was saved")
+    parameters = [p.abs().max() for p in torch.load(path, weights_only=True)["model"].values() if p.numel()]
+    largest = torch.stack(parameters).max().item() if parameters else 0.0  # nan if any is nan
+    if largest <= torch.finfo(torch.float16).max:
+        return RunError(f"{fix}; {path} holds epoch {saved_epoch}, before the loss diverged (evaluate it with --eval-only)")
+    return RunError(f"{fix}; {path} (epoch {saved_epoch}) is no good either: its parameters reach {largest:.1e}")
+
+
 def resume_from(path, args, settings):
     """The checkpoint --resume continues: it must exist and hold this run's settings."""
     if not os.path.isfile(path):
