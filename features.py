@@ -75,7 +75,8 @@ def read_features(path, shape, dtype):
     if not ok:
         print(f"warning: {path} is corrupt or stale: computing it again")
         return None
-    os.utime(path)  # recently used: pruned last
+    with contextlib.suppress(OSError):  # a read-only cache is still read
+        os.utime(path)  # recently used: pruned last
     return features
 
 

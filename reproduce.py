@@ -441,7 +441,8 @@ def row_problem(row):
 def read_results(output_dir):
     """results.jsonl -> {key: the last row}: (run_id, dataset, subsample) for train.py rows, ("variance", dataset,
     backbone, split) for variance.py rows. A bad line (cut by a killed writer, not UTF-8, not JSON, not a row, a field
-    missing or of the wrong type) is skipped with one warning that gives the line numbers: that run counts as not done."""
+    missing or of the wrong type) is skipped with one warning that gives the line numbers: its run counts as not
+    done."""
     path, results, bad = os.path.join(output_dir, "results.jsonl"), {}, []
     if not os.path.isfile(path):
         return results

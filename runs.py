@@ -413,8 +413,8 @@ def hold_run(args, directory, trains):
     except OSError as e:  # named: the folder in the way, when it is not --output-dir itself (OUT/dtd is a file)
         where = f" at {e.filename}" if e.filename and os.path.abspath(e.filename) != os.path.abspath(args.output_dir) \
             else ""
-        raise RunError(f"cannot write under {args.output_dir}{where} ({e.strerror or e}): choose another --output-dir") \
-            from None
+        raise RunError(f"cannot write under {args.output_dir}{where} ({e.strerror or e}): choose another "
+                       "--output-dir") from None
     results = os.path.join(args.output_dir, "results.jsonl")
     try:
         open(results, "a").close()
