@@ -39,6 +39,7 @@ def backbone_sha256(backbone):
 
 @functools.lru_cache(maxsize=16)
 def file_sha256(path, *stamp):
+    """The file's SHA256, remembered per (path, stamp): a changed file is hashed again."""
     return clip_model.weights_sha256(path)
 
 

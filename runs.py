@@ -480,7 +480,8 @@ def diverged(loss, epoch, args, path, saved_epoch, precision):
     parameters = [p.abs().max() for p in torch.load(path, weights_only=True)["model"].values() if p.numel()]
     largest = torch.stack(parameters).max().item() if parameters else 0.0  # nan if any is nan
     if largest <= torch.finfo(torch.float16).max:
-        return RunError(f"{fix}; {path} holds epoch {saved_epoch}, before the loss diverged (evaluate it with --eval-only)")
+        return RunError(f"{fix}; {path} holds epoch {saved_epoch}, before the loss diverged (evaluate it with "
+                        "--eval-only)")
     return RunError(f"{fix}; {path} (epoch {saved_epoch}) is no good either: its parameters reach {largest:.1e}")
 
 
