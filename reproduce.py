@@ -444,9 +444,14 @@ def read_results(output_dir):
     missing or of the wrong type) is skipped with one warning that gives the line numbers: its run counts as not
     done."""
     path, results, bad = os.path.join(output_dir, "results.jsonl"), {}, []
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         return results
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:  # a folder, unreadable
+        raise RecipeError(f"cannot read {path} ({e.strerror or e}): make it a readable file or pass another "
+                          "--output-dir") from None
+    with f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue

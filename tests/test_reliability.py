@@ -820,6 +820,17 @@ def test_the_report_goes_on_over_every_kind_of_bad_line(tmp_path, capsys):
     assert {k: v for k, v in snapshot(tmp_path).items() if k != "t.csv"} == before
 
 
+@pytest.mark.parametrize("mode", [["--report"], ["--dry-run"]])
+def test_a_results_jsonl_that_cannot_be_read_is_one_line_for_reproduce(mode, tmp_path, capsys):
+    os.makedirs(tmp_path / "results.jsonl")
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["upt-table2", "--output-dir", str(tmp_path), *mode])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err == f"error: cannot read {tmp_path}/results.jsonl (Is a directory): make " \
+                                                "it a readable file or pass another --output-dir\n"
+    assert os.listdir(tmp_path) == ["results.jsonl"] and os.listdir(tmp_path / "results.jsonl") == []
+
+
 def test_an_append_after_a_cut_row_starts_on_a_fresh_line(folder, vit_checkpoint, tmp_path, capsys):
     """A writer killed mid-row (or a full disk) leaves a last line without a newline: the next row stays whole."""
     runs.append_rows(str(tmp_path / "results.jsonl"), [GOOD_ROW])
