@@ -1,6 +1,9 @@
 """Nothing lost, nothing silent (issue 11): results do not depend on the worker count, kill -9 + --resume equals the
 uninterrupted run, runs never share a folder, typos stop a run before training, corrupt caches are recomputed, files
-survive concurrent writers, and every bad input of every entry point is one line (exit 2) that changes nothing."""
+survive concurrent writers, and every bad input of every entry point is one line (exit 2) that changes nothing.
+Nothing silent, nothing wrong (issue 19): bad results lines are skipped with a warning, appends start on a fresh line,
+caches follow rewritten images and weights, dead writers' temporary files go, a diverged run says what to do, and the
+CLIP API says what it expected."""
 import errno
 import glob
 import hashlib
@@ -21,12 +24,14 @@ import pytest
 import torch
 from PIL import Image
 
+import clip_model
 import data
 import features
+import reproduce
 import runs
 import train
 import variance
-from conftest import read_rows, train_argv, write_colour_folder
+from conftest import make_tiny_clip, read_rows, save_state_dict, train_argv, write_colour_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -768,10 +773,6 @@ def test_one_epoch_is_the_warm_up_and_the_log_says_so(folder, vit_checkpoint, tm
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Nothing silent, nothing wrong (issue 19): results.jsonl and the report, caches that can go stale, divergence, the API
-
-import clip_model  # noqa: E402
-import reproduce  # noqa: E402
-from conftest import make_tiny_clip, save_state_dict  # noqa: E402
 
 GOOD_ROW = dict(run_id="abc", dataset="dtd", subsample="all", accuracy=87.5, train_seconds=60.0)
 BAD_LINES = [  # (id, the line's bytes, what the warning says about it)
