@@ -114,8 +114,19 @@ _tokenizer = None
 def tokenize(texts, context_length=77, truncate=False):
     """str or list of str -> (N, context_length) LongTensor: [SOS] ids [EOT] 0 ... (EOT has the highest id)."""
     global _tokenizer
+    if isinstance(texts, (bytes, bytearray)):
+        raise CLIPError(f"tokenize() takes a str or a list of str, not {type(texts).__name__}: decode it first")
+    try:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+    except TypeError:
+        raise CLIPError(f"tokenize() takes a str or a list of str, not {type(texts).__name__}") from None
+    wrong = next((i for i, text in enumerate(texts) if not isinstance(text, str)), None)
+    if wrong is not None:
+        raise CLIPError(f"tokenize() takes a str or a list of str: item {wrong} is a {type(texts[wrong]).__name__}")
+    if isinstance(context_length, bool) or not isinstance(context_length, int) or context_length < 2:
+        raise CLIPError(f"context_length must be an int of at least 2, room for [SOS] and [EOT] "
+                        f"(got {context_length!r})")
     _tokenizer = _tokenizer or Tokenizer()
-    texts = [texts] if isinstance(texts, str) else list(texts)
     result = torch.zeros(len(texts), context_length, dtype=torch.long)
     for i, text in enumerate(texts):
         ids = [_tokenizer.sot] + _tokenizer.encode(text) + [_tokenizer.eot]
@@ -381,8 +392,16 @@ class CLIP(nn.Module):
 
 def build_model(state_dict):
     """Infer every hyperparameter from the state dict's shapes (as OpenAI's build_model) -> fp32 CLIP in eval mode."""
+    if not isinstance(state_dict, dict):
+        raise CLIPError(f"not a CLIP state dict (a {type(state_dict).__name__}, not a dict of name -> tensor)")
+    odd = next((k for k in state_dict if not isinstance(k, str)), None)
+    if odd is not None:
+        raise CLIPError(f"not a CLIP state dict (key {odd!r} is a {type(odd).__name__}, not a str)")
     sd = {k: v for k, v in state_dict.items()
           if k not in ("input_resolution", "context_length", "vocab_size") and not k.endswith("attn_mask")}
+    odd = next((k for k, v in sd.items() if not isinstance(v, torch.Tensor)), None)
+    if odd is not None:
+        raise CLIPError(f"not a CLIP state dict ({odd} is a {type(sd[odd]).__name__}, not a tensor)")
     count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
     try:
         if "visual.proj" in sd:  # ViT
@@ -402,7 +421,7 @@ def build_model(state_dict):
                          transformer_layers=count("transformer.resblocks."))
         own = model.state_dict()  # meta tensors with the dtype each entry takes: fp32, int64 BatchNorm counters
         model.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in sd.items()}, assign=True)
-    except (KeyError, RuntimeError) as e:
+    except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as e:  # a missing entry, a wrong shape
         raise CLIPError(f"not a CLIP state dict ({one_line(e)})") from None
     return model.eval()
 

@@ -1,12 +1,16 @@
 """Frozen CLIP image features on disk: why the second run is fast.
 
-Two stores, both keyed by what determines their numbers (the weights' SHA256, the transform, the ordered image list,
-the seed for augmented images, the precision and the device) and checked on every read (shape, dtype, SHA256):
+Two stores, both keyed by what determines their numbers (the weights' SHA256, the transform, the ordered image list
+with each image's size and modification time, the seed for augmented images, the precision and the device) and checked
+on every read (shape, dtype, SHA256), so images rewritten at the same paths or new weights at the same path are
+computed again:
 - the test-feature cache, OUTPUT/feature_cache/<key>.pt: one file per image set, for methods whose image path is frozen
   and prompt-free (zero-shot, CoOp, CoCoOp, classifier fine-tuning, linear probe); kept under FEATURE_CACHE_BUDGET;
 - the feature bank, OUTPUT/feature_bank/<key>/epochXXXX.pt: the training images as augmented in each epoch, shared by
   every run on the same subset, so a CoOp step reads features instead of running the image encoder.
+A store that cannot be written is said once and skipped: the features are computed in memory instead.
 """
+import contextlib
 import functools
 import glob
 import hashlib
@@ -18,15 +22,37 @@ import torch
 
 import clip_model
 import data
-from runs import locked, progress, save_atomic
+from runs import locked, progress, save_atomic, temporary_name
 
 FEATURE_CACHE_BUDGET = 20 * 2 ** 30  # bytes of cached test features per output dir; the oldest files go first
 BANK_BUDGET = 100 * 2 ** 30  # bytes one feature bank may take (and never more than the free disk space)
+UNWRITABLE = set()  # folders of stores found unwritable in this process (said once each)
 
 
-@functools.lru_cache
 def backbone_sha256(backbone):
-    return clip_model.weights_sha256(backbone)
+    """The weights' SHA256, hashed again whenever the file changes (its size, modification time or inode)."""
+    if backbone in clip_model.available_models():  # in its URL, and the download is checked against it
+        return clip_model.weights_sha256(backbone)
+    st = os.stat(backbone)
+    return file_sha256(os.path.abspath(backbone), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=16)
+def file_sha256(path, *stamp):
+    """The file's SHA256, remembered per (path, stamp): a changed file is hashed again."""
+    return clip_model.weights_sha256(path)
+
+
+def images_stamp(items):
+    """A hash of each image's size and modification time: a dataset rewritten at the same paths changes it."""
+    digest = hashlib.sha1()
+    for path, _ in items:
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise data.DataError(f"cannot read image {path} ({e.strerror or e})") from None
+        digest.update(f"{st.st_size} {st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def features_key(*parts):
@@ -50,18 +76,40 @@ def read_features(path, shape, dtype):
     if not ok:
         print(f"warning: {path} is corrupt or stale: computing it again")
         return None
-    os.utime(path)  # recently used: pruned last
+    with contextlib.suppress(OSError):  # a read-only cache is still read
+        os.utime(path)  # recently used: pruned last
     return features
 
 
 def write_features(features, path, budget=None):
-    save_atomic(dict(features=features, sha256=tensor_sha256(features)), path)
+    save_atomic(dict(features=features, sha256=tensor_sha256(features)), path)  # removes dead writers' .tmp files
     if budget:  # keep the folder under budget: the least recently used files go first
-        files = sorted(glob.glob(os.path.join(os.path.dirname(path), "*.pt")), key=os.path.getmtime, reverse=True)
-        sizes = [os.path.getsize(f) for f in files]
-        for i, f in enumerate(files):
-            if sum(sizes[:i + 1]) > budget and f != path:
-                os.remove(f)
+        files = []
+        for f in glob.glob(os.path.join(glob.escape(os.path.dirname(path)), "*.pt")):
+            with contextlib.suppress(OSError):  # removed meanwhile by another run's pruning
+                files.append((os.path.getmtime(f), os.path.getsize(f), f))
+        used = 0
+        for _, size, f in sorted(files, reverse=True):
+            used += size
+            if used > budget and f != path:
+                with contextlib.suppress(OSError):
+                    os.remove(f)
+
+
+def writable(folder, what, instead):
+    """Whether folder can be written now; if not, a warning (once per folder and process): a store to skip, never a
+    reason to stop."""
+    probe = temporary_name(os.path.join(folder, "probe"))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(probe, "x").close()
+        os.remove(probe)
+        return True
+    except OSError as e:
+        if folder not in UNWRITABLE:
+            UNWRITABLE.add(folder)
+            print(f"warning: {what} {folder} cannot be written ({e.strerror or e}): {instead}")
+        return False
 
 
 def feature_dtype(autocast):
@@ -79,15 +127,16 @@ def encode_all(clip, loader, device, autocast, what):
 
 def image_features(clip, items, transform, *, backbone, output_dir, workers, device, autocast):
     """(N, E) features of the images `items` under a deterministic transform, cached in OUTPUT/feature_cache/."""
-    key = features_key(backbone_sha256(backbone), data.transform_key(transform), items, str(feature_dtype(autocast)),
-                       device)
+    key = features_key(backbone_sha256(backbone), data.transform_key(transform), items, images_stamp(items),
+                       str(feature_dtype(autocast)), device)
     path = os.path.join(output_dir, "feature_cache", f"{key}.pt")
     shape, dtype = (len(items), clip.visual.output_dim), feature_dtype(autocast)
     features = read_features(path, shape, dtype)
     if features is None:
         loader = data.make_loader(items, transform, 256, train=False, workers=workers)
         features = encode_all(clip, loader, device, autocast, f"image features ({len(items)} images)")
-        write_features(features, path, FEATURE_CACHE_BUDGET)
+        if writable(os.path.dirname(path), "the test-feature cache", "computing features in every run"):
+            write_features(features, path, FEATURE_CACHE_BUDGET)
     return features
 
 
@@ -101,18 +150,21 @@ class FeatureBank:
         transform = data.train_transform(clip.visual.input_resolution)
         self.make_loader = functools.partial(data.make_loader, items, transform, 256, train=False, seed=seed,
                                              workers=workers)
-        key = features_key(backbone_sha256(backbone), data.transform_key(transform), items, seed,
+        key = features_key(backbone_sha256(backbone), data.transform_key(transform), items, images_stamp(items), seed,
                            str(feature_dtype(autocast)), device)
         self.dir = os.path.join(output_dir, "feature_bank", key)
         self.shape, self.dtype = (len(items), clip.visual.output_dim), feature_dtype(autocast)
         self.loader, self.built, self.reused = None, 0, 0
 
     def fits(self, epochs, output_dir):
-        """Whether `epochs` epochs of features fit the budget and the free disk space (said either way)."""
+        """Whether `epochs` epochs of features fit the budget and the free disk space, and the bank can be written (said
+        either way)."""
         size, room = self.shape[0] * self.shape[1] * self.dtype.itemsize * epochs, shutil.disk_usage(output_dir).free
         if size > min(BANK_BUDGET, room):
             print(f"feature bank: {size / 2 ** 30:.1f} GiB for {epochs} epochs is over the budget "
                   f"({min(BANK_BUDGET, room) / 2 ** 30:.1f} GiB free or allowed): training from images")
+            return False
+        if not writable(self.dir, "feature bank", "training from images"):
             return False
         stored = len(glob.glob(os.path.join(self.dir, "epoch*.pt")))
         print(f"feature bank {self.dir}: {stored} epochs stored, the rest are built as training reaches them")

@@ -414,22 +414,68 @@ def plan_recipe(name, recipe, root, output_dir):
     return sorted(jobs.values(), key=lambda j: (first[j["subset"]], -j["epochs"])), cells
 
 
+ROW_FIELDS = {"train": dict(run_id=str, dataset=str, subsample=str, accuracy=float),  # what pending() and the report
+              "variance": dict(dataset=str, backbone=str, split=str, var_v=float, var_t=float)}  # read of each row
+NUMBERS = ["train_seconds"]  # read where present (a table of minutes)
+
+
+def row_problem(row):
+    """Why a parsed line is not a row the report can use (None if it is one): not an object, a missing field, a field
+    of the wrong type (a number written as "87.5%")."""
+    if not isinstance(row, dict):
+        return f"{json.dumps(row)[:40]} is not a JSON object"
+    kind = "variance" if row.get("kind") == "variance" else "train" if "kind" not in row else None
+    if kind is None:
+        return f"unknown kind {row['kind']!r}"
+    fields = {**ROW_FIELDS[kind], **{k: float for k in NUMBERS if k in row}}
+    for key, expected in fields.items():
+        value = row.get(key)
+        if key not in row:
+            return f"no \"{key}\""
+        if expected is str and not isinstance(value, str) or expected is float and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            return f"\"{key}\" is {json.dumps(value)[:40]}, not a {'string' if expected is str else 'finite number'}"
+    return None
+
+
 def read_results(output_dir):
     """results.jsonl -> {key: the last row}: (run_id, dataset, subsample) for train.py rows, ("variance", dataset,
-    backbone, split) for variance.py rows."""
-    path, results = os.path.join(output_dir, "results.jsonl"), {}
-    if not os.path.isfile(path):
+    backbone, split) for variance.py rows. A bad line (cut by a killed writer, not UTF-8, not JSON, not a row, a field
+    missing or of the wrong type) is skipped with one warning that gives the line numbers: its run counts as not
+    done."""
+    path, results, bad = os.path.join(output_dir, "results.jsonl"), {}, []
+    if not os.path.exists(path):
         return results
-    with open(path) as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a crash: that run is simply not done
+    try:
+        f = open(path, "rb")
+    except OSError as e:  # a folder, unreadable
+        raise RecipeError(f"cannot read {path} ({e.strerror or e}): make it a readable file or pass another "
+                          "--output-dir") from None
+    with f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
                 continue
-            if row.get("kind") == "variance":
+            try:
+                row = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                bad.append((number, "not UTF-8"))
+                continue
+            except json.JSONDecodeError:
+                bad.append((number, "not JSON (cut by a killed writer?)"))
+                continue
+            problem = row_problem(row)
+            if problem:
+                bad.append((number, problem))
+            elif row.get("kind") == "variance":
                 results[("variance", row["dataset"], row["backbone"], row["split"])] = row
-            elif "run_id" in row and not row.get("kind"):
+            else:
                 results[(row["run_id"], row["dataset"], row["subsample"])] = row
+    if bad:
+        shown = "; ".join(f"line {n}: {why}" for n, why in bad[:5])
+        more = f"; {len(bad) - 5} more at lines {', '.join(str(n) for n, _ in bad[5:25])}" + \
+            (", ..." if len(bad) > 25 else "") if len(bad) > 5 else ""
+        print(f"warning: {path}: skipped {len(bad)} bad line{'s' * (len(bad) > 1)} ({shown}{more}): their runs count "
+              "as not done", file=sys.stderr)
     return results
 
 

@@ -6,10 +6,12 @@ settings_of() and run_id(): a hash of every setting that can change a result (ID
 """
 import contextlib
 import difflib
+import errno
 import glob
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -55,6 +57,7 @@ USED_BY = {
     # features of augmented training images, shared by every run on the same subset (features.FeatureBank)
     "feature_bank": [m for m in EPOCHS if hasattr(METHODS[m], "forward_features")],
 }
+MAX_SEED = 2 ** 32 - 1  # seeds torch, numpy and random all accept: 0 ... 2**32 - 1
 # A run's identity: every setting that can change its result. The run id hashes them; each results row holds them.
 IDENTITY = ["method", "dataset", "subsample", "backbone", "precision", *USED_BY]
 
@@ -124,6 +127,8 @@ def resolve(args):
                        ("n_ctx", args.n_ctx), ("depth", args.depth), ("random_length", args.random_length)]:
         if value is not None and value < 1:
             raise RunError(f"{option(key)} must be at least 1 (got {value})")
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise RunError(f"--seed must be between 0 and {MAX_SEED} (got {args.seed})")
     if args.lr is not None and not args.lr > 0:
         raise RunError(f"--lr must be positive (got {args.lr})")
     if args.method == "coop":
@@ -303,17 +308,53 @@ def progress(iterable, total, what):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Files: writes are atomic (unique temporary name, then rename), appends are locked, a run holds a lock on its folder
+# Files: writes are atomic (a temporary file named after its writer, then rename; a dead writer's is removed), appends
+# are locked and start on a fresh line, a run holds a lock on its folder
+
+HOST = socket.gethostname().replace(".", "-")  # in temporary names, which are split at dots
+
+
+def temporary_name(path):
+    """A unique temporary name beside path that names its writer: PATH.<host>.<pid>.<ns>.tmp."""
+    return f"{path}.{HOST}.{os.getpid()}.{time.monotonic_ns()}.tmp"
+
+
+def writer_alive(pid):
+    if os.name != "posix":  # there os.kill(pid, 0) would end the process: never call a writer dead
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def remove_dead_temporaries(folder, max_age=24 * 3600):
+    """Remove the temporary files in folder whose writer died mid-write (kill -9, a power cut): its process is gone
+    from this host, or the file is a day old (a writer on another host sharing the folder)."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(folder):
+            parts = name.removesuffix(".tmp").rsplit(".", 3)  # target, host, pid, ns
+            if not name.endswith(".tmp") or len(parts) != 4 or not (parts[2] + parts[3]).isdigit():
+                continue
+            path = os.path.join(folder, name)
+            with contextlib.suppress(OSError):  # gone already: another process cleaned it
+                if parts[1] == HOST and not writer_alive(int(parts[2])) or \
+                        time.time() - os.path.getmtime(path) > max_age:
+                    os.remove(path)
+
 
 def save_atomic(obj, path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.{time.monotonic_ns()}.tmp"
+    tmp = temporary_name(path)
     try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        remove_dead_temporaries(os.path.dirname(path))
         torch.save(obj, tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:120]
-        raise RunError(f"cannot write {path} ({reason}): free disk space or choose another --output-dir") from None
+        raise cannot_write(path, e) from None
     finally:  # also on Ctrl-C mid-write: no half-written temporary file is left behind
         with contextlib.suppress(OSError):
             os.remove(tmp)
@@ -335,13 +376,26 @@ def locked(path, busy=None):
 
 
 def append_rows(path, rows):
-    """Append JSON lines; several processes may append to the same file at once."""
+    """Append JSON lines, on a fresh line: a last line cut by a killed writer or a full disk stays alone (readers
+    skip it) instead of gluing itself to the first new row. Several processes may append to the same file at once."""
+    text = "".join(json.dumps(row) + "\n" for row in rows).encode()
     try:
-        with locked(path + ".lock"), open(path, "a") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
+        with locked(path + ".lock"), open(path, "a+b") as f:  # a+: every write goes to the end
+            end = f.seek(0, os.SEEK_END)
+            if end:
+                f.seek(end - 1)
+                text = text if f.read(1) == b"\n" else b"\n" + text
+            f.write(text)
     except OSError as e:
-        raise RunError(f"cannot append to {path} ({e.strerror or e}): free disk space or choose another --output-dir") \
-            from None
+        raise cannot_write(path, e, "append to") from None
+
+
+def cannot_write(path, e, verb="write"):
+    """A one-line RunError for a failed write of `path`: the reason, and what to do about it."""
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:120]
+    full = not isinstance(e, OSError) or e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # torch: RuntimeError
+    return RunError(f"cannot {verb} {path} ({reason}): " +
+                    ("free disk space or choose another --output-dir" if full else "choose another --output-dir"))
 
 
 def git_commit():
@@ -356,10 +410,17 @@ def hold_run(args, directory, trains):
     the same settings is refused) and turn Ctrl-C into one line naming the checkpoint to resume."""
     try:
         os.makedirs(directory if trains else args.output_dir, exist_ok=True)
-        open(os.path.join(args.output_dir, "results.jsonl"), "a").close()
-    except OSError as e:
-        raise RunError(f"cannot write under {args.output_dir} ({e.strerror or e}): choose another --output-dir") \
-            from None
+    except OSError as e:  # named: the folder in the way, when it is not --output-dir itself (OUT/dtd is a file)
+        where = f" at {e.filename}" if e.filename and os.path.abspath(e.filename) != os.path.abspath(args.output_dir) \
+            else ""
+        raise RunError(f"cannot write under {args.output_dir}{where} ({e.strerror or e}): choose another "
+                       "--output-dir") from None
+    results = os.path.join(args.output_dir, "results.jsonl")
+    try:
+        open(results, "a").close()
+    except OSError as e:  # a folder, read-only or immutable: it is the file, not --output-dir, that is in the way
+        raise RunError(f"cannot append to {results} ({e.strerror or e}): make it a writable file or choose another "
+                       "--output-dir") from None
     busy = f"a run with these settings is already running in {directory}: wait for it, or change a setting"
     try:
         with locked(os.path.join(directory, "lock"), busy) if trains else contextlib.nullcontext():
@@ -406,6 +467,22 @@ def load_checkpoint(path):
         if not torch.is_tensor(value) or not torch.isfinite(value).all():
             raise RunError(f"checkpoint {path}: {key} is not a finite tensor (the run diverged?): retrain it")
     return checkpoint
+
+
+def diverged(loss, epoch, args, path, saved_epoch, precision):
+    """The RunError for a training loss that became nan or inf in `epoch`: what to do (the same settings diverge again
+    on --resume: training is exact), and whether the last checkpoint this run saved is usable: only if its parameters
+    are finite and within float16's range (AMP runs them in float16)."""
+    fix = f"loss became {loss} in epoch {epoch + 1}: start the run from scratch with a lower --lr than {args.lr:g}" + \
+        (" or with --precision fp32" if precision == "amp float16" else "") + " (--resume would diverge again)"
+    if not saved_epoch:
+        return RunError(f"{fix}; nothing was saved")
+    parameters = [p.abs().max() for p in torch.load(path, weights_only=True)["model"].values() if p.numel()]
+    largest = torch.stack(parameters).max().item() if parameters else 0.0  # nan if any is nan
+    if largest <= torch.finfo(torch.float16).max:
+        return RunError(f"{fix}; {path} holds epoch {saved_epoch}, before the loss diverged (evaluate it with "
+                        "--eval-only)")
+    return RunError(f"{fix}; {path} (epoch {saved_epoch}) is no good either: its parameters reach {largest:.1e}")
 
 
 def resume_from(path, args, settings):

@@ -27,8 +27,9 @@ import data
 from features import FeatureBank, image_features
 from linear_ft import LinearFT, LinearProbe, fit_linear_probe
 from runs import (METHODS, PROMPTS, RANDOM_PROMPTS, TRAINED, Interrupted, RunError, append_rows, checkpoint_of,
-                  describe, git_commit, hold_run, load_checkpoint, load_data, load_trainable, progress, reads, resolve,
-                  restrict_to_classes, resume, run_dir, run_id, save_atomic, settings_of, too_long, trainable_state)
+                  describe, diverged, git_commit, hold_run, load_checkpoint, load_data, load_trainable, progress, reads,
+                  resolve, restrict_to_classes, resume, run_dir, run_id, save_atomic, settings_of, too_long,
+                  trainable_state)
 from cocoop import CoCoOp
 from coop import POSITIONS, CoOp
 from upt import UPT
@@ -205,8 +206,7 @@ def train(model, ds, args, settings, compute):
             seen += len(y)
         loss, accuracy = total_loss.item() / max(seen, 1), 100 * correct.item() / max(seen, 1)
         if not math.isfinite(loss):
-            raise RunError(f"loss became {loss} in epoch {epoch + 1}: lower --lr or use --precision fp32 "
-                           f"(the last good checkpoint is {path})")
+            raise diverged(loss, epoch, args, path, saved_epoch=epoch, precision=compute.precision)  # 0: none
         seconds = time.time() - t0
         memory = f" | mem {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device == "cuda" else ""
         print(f"epoch {epoch + 1}/{args.epochs} | loss {loss:.4f} | acc {accuracy:.2f}% | lr {lr_at(epoch, args):.2e} | "

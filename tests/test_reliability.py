@@ -1,6 +1,9 @@
 """Nothing lost, nothing silent (issue 11): results do not depend on the worker count, kill -9 + --resume equals the
 uninterrupted run, runs never share a folder, typos stop a run before training, corrupt caches are recomputed, files
-survive concurrent writers, and every bad input of every entry point is one line (exit 2) that changes nothing."""
+survive concurrent writers, and every bad input of every entry point is one line (exit 2) that changes nothing.
+Nothing silent, nothing wrong (issue 19): bad results lines are skipped with a warning, appends start on a fresh line,
+caches follow rewritten images and weights, dead writers' temporary files go, a diverged run says what to do, and the
+CLIP API says what it expected."""
 import errno
 import glob
 import hashlib
@@ -9,6 +12,7 @@ import multiprocessing
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,12 +24,14 @@ import pytest
 import torch
 from PIL import Image
 
+import clip_model
 import data
 import features
+import reproduce
 import runs
 import train
 import variance
-from conftest import read_rows, train_argv, write_colour_folder
+from conftest import make_tiny_clip, read_rows, save_state_dict, train_argv, write_colour_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,6 +53,9 @@ BAD_INPUTS = [
     ("lr 0", lambda c: tr(c, "coop", "--lr", "0"), "--lr must be positive (got 0.0)"),
     ("lr -1", lambda c: tr(c, "upt", "--lr", "-1"), "--lr must be positive (got -1.0)"),
     ("shots 0", lambda c: tr(c, "coop", "--shots", "0"), "--shots must be at least 1 (got 0)"),
+    ("seed 2**64", lambda c: tr(c, "coop", "--seed", "18446744073709551616"),
+     "--seed must be between 0 and 4294967295 (got 18446744073709551616)"),
+    ("seed -1", lambda c: tr(c, "upt", "--seed", "-1"), "--seed must be between 0 and 4294967295 (got -1)"),
     ("depth 0", lambda c: tr(c, "upt", "--depth", "0"), "--depth must be at least 1"),
     ("random-length 0", lambda c: tr(c, "zeroshot", "--prompt", "randtoken", "--random-length", "0"),
      "--random-length must be at least 1"),
@@ -143,6 +152,12 @@ BAD_INPUTS = [
     ("output-dir is a file", lambda c: tr(c, "zeroshot", out=c.inputs + "/a_file"), "cannot write under"),
     ("output-dir under a file", lambda c: tr(c, "zeroshot", out=c.inputs + "/a_file/out"), "cannot write under"),
     ("output-dir not writable", lambda c: not_writable(c), "(Permission denied): choose another --output-dir"),
+    ("results.jsonl a folder", lambda c: tr(c, "zeroshot", out=c.inputs + "/jsonl_is_dir"),
+     "/in/jsonl_is_dir/results.jsonl (Is a directory): make it a writable file or choose another --output-dir"),
+    ("results.jsonl immutable", lambda c: immutable_results(c),
+     "/in/immutable/results.jsonl (Operation not permitted): make it a writable file or choose another"),
+    ("a file in the way under output-dir", lambda c: tr(c, "coop", *SMALL, out=c.inputs + "/dataset_is_file"),
+     "/dataset_is_file/folder_tiny_folder0/coop (Not a directory): choose another --output-dir"),
     ("disk full", lambda c: disk_full(c, OSError(errno.ENOSPC, "No space left on device")),
      "checkpoint.pt (No space left on device): free disk space"),
     ("disk full in torch.save", lambda c: disk_full(c, RuntimeError("PytorchStreamWriter failed writing file "
@@ -202,6 +217,16 @@ def not_writable(c):
         return makedirs(path, *args, **kwargs)
     c.mp.setattr(os, "makedirs", refuse)
     return tr(c, "zeroshot", out=c.inputs + "/read_only")
+
+
+def immutable_results(c):
+    """results.jsonl with chattr +i (open for appending fails with EPERM, even for root)."""
+    def refuse(path, *args, **kwargs):
+        if str(path).endswith(os.path.join("immutable", "results.jsonl")):
+            raise PermissionError(errno.EPERM, "Operation not permitted", str(path))
+        return open(path, *args, **kwargs)
+    c.mp.setattr(runs, "open", refuse, raising=False)
+    return tr(c, "zeroshot", out=c.inputs + "/immutable")
 
 
 def disk_full(c, error):
@@ -305,6 +330,13 @@ def bad(tmp_path_factory, folder, vit_checkpoint, rn_checkpoint):
     with open(f"{c.inputs}/garbage.pt", "wb") as f:
         f.write(b"\x00garbage" * 100)
     open(f"{c.inputs}/a_file", "w").close()
+    os.makedirs(f"{c.inputs}/jsonl_is_dir/results.jsonl")
+    os.makedirs(f"{c.inputs}/immutable")
+    shutil.copy(f"{c.out}/results.jsonl", f"{c.inputs}/immutable/results.jsonl")
+    os.makedirs(f"{c.inputs}/dataset_is_file")
+    in_the_way = train.plan(train_argv("coop", folder, vit_checkpoint, f"{c.inputs}/dataset_is_file"))["run_dir"]
+    open(os.path.join(f"{c.inputs}/dataset_is_file", os.path.relpath(in_the_way, f"{c.inputs}/dataset_is_file")
+                      .split(os.sep)[0]), "w").close()  # OUT/folder_tiny_folder0 is a file
     # --resume into a run folder whose checkpoint has this run's settings but a ctx of another shape
     directory = train.plan(train_argv("coop", folder, vit_checkpoint, c.out, lr=0.05))["run_dir"]
     os.makedirs(directory)
@@ -737,3 +769,232 @@ def test_one_epoch_is_the_warm_up_and_the_log_says_so(folder, vit_checkpoint, tm
     out = capsys.readouterr().out
     assert "note: --epochs 1 trains only Dassl's warm-up epoch, at lr 1e-5" in out
     assert re.search(r"^epoch 1/1 \|.* lr 1\.00e-05 \|", out, re.M)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Nothing silent, nothing wrong (issue 19): results.jsonl and the report, caches that can go stale, divergence, the API
+
+GOOD_ROW = dict(run_id="abc", dataset="dtd", subsample="all", accuracy=87.5, train_seconds=60.0)
+BAD_LINES = [  # (id, the line's bytes, what the warning says about it)
+    ("cut by a killed writer", b'{"run_id": "abc", "dataset": "dt', "not JSON (cut by a killed writer?)"),
+    ("not UTF-8", b'{"run_id": "abc", "dataset": "dtd\xff\xfe", "subsample": "all", "accuracy": 1}\n', "not UTF-8"),
+    ("a list", b"[1, 2]\n", "[1, 2] is not a JSON object"),
+    ("null", b"null\n", "null is not a JSON object"),
+    ("a row without fields", b"{}\n", 'no "run_id"'),
+    ("accuracy a string", json.dumps({**GOOD_ROW, "accuracy": "87.5%"}).encode() + b"\n",
+     '"accuracy" is "87.5%", not a finite number'),
+    ("accuracy NaN", json.dumps({**GOOD_ROW, "accuracy": float("nan")}).encode() + b"\n",
+     '"accuracy" is NaN, not a finite number'),
+    ("train_seconds a list", json.dumps({**GOOD_ROW, "train_seconds": [1]}).encode() + b"\n",
+     '"train_seconds" is [1], not a finite number'),
+    ("run_id a number", json.dumps({**GOOD_ROW, "run_id": 7}).encode() + b"\n", '"run_id" is 7, not a string'),
+    ("variance without var_t", json.dumps(dict(kind="variance", dataset="dtd", backbone="RN50", split="test",
+                                               var_v=0.1)).encode() + b"\n", 'no "var_t"'),
+    ("unknown kind", b'{"kind": "bench"}\n', "unknown kind 'bench'"),
+]
+
+
+@pytest.mark.parametrize("name, line, why", BAD_LINES, ids=[case[0] for case in BAD_LINES])
+def test_a_bad_results_line_is_skipped_with_one_warning_and_the_rest_is_read(name, line, why, tmp_path, capsys):
+    other = {**GOOD_ROW, "dataset": "eurosat"}
+    content = json.dumps(GOOD_ROW).encode() + b"\n" + line + (b"" if line.endswith(b"\n") else b"\n") + \
+        json.dumps(other).encode() + b"\n"
+    (tmp_path / "results.jsonl").write_bytes(content)
+    results = reproduce.read_results(str(tmp_path))
+    assert results == {("abc", "dtd", "all"): GOOD_ROW, ("abc", "eurosat", "all"): other}
+    err = capsys.readouterr().err
+    assert err == f"warning: {tmp_path}/results.jsonl: skipped 1 bad line (line 2: {why}): their runs count as not " \
+                  "done\n"
+    assert (tmp_path / "results.jsonl").read_bytes() == content
+
+
+def test_the_report_goes_on_over_every_kind_of_bad_line(tmp_path, capsys):
+    lines = [line if line.endswith(b"\n") else line + b"\n" for _, line, _ in BAD_LINES]
+    (tmp_path / "results.jsonl").write_bytes(b"".join(lines))
+    before = snapshot(tmp_path)
+    reproduce.main(["upt-table2", "--output-dir", str(tmp_path), "--report", "--csv", str(tmp_path / "t.csv")])
+    out, err = capsys.readouterr()
+    assert "upt-table2" in out and "missing" in out and os.path.isfile(tmp_path / "t.csv")
+    assert len(err.splitlines()) == 1 and err.startswith(f"warning: {tmp_path}/results.jsonl: skipped "
+                                                         f"{len(BAD_LINES)} bad lines (line 1: not JSON")
+    assert f"{len(BAD_LINES) - 5} more at lines 6, 7, 8, 9, 10, 11)" in err
+    assert {k: v for k, v in snapshot(tmp_path).items() if k != "t.csv"} == before
+
+
+@pytest.mark.parametrize("mode", [["--report"], ["--dry-run"]])
+def test_a_results_jsonl_that_cannot_be_read_is_one_line_for_reproduce(mode, tmp_path, capsys):
+    os.makedirs(tmp_path / "results.jsonl")
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(["upt-table2", "--output-dir", str(tmp_path), *mode])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err == f"error: cannot read {tmp_path}/results.jsonl (Is a directory): make " \
+                                                "it a readable file or pass another --output-dir\n"
+    assert os.listdir(tmp_path) == ["results.jsonl"] and os.listdir(tmp_path / "results.jsonl") == []
+
+
+def test_an_append_after_a_cut_row_starts_on_a_fresh_line(folder, vit_checkpoint, tmp_path, capsys):
+    """A writer killed mid-row (or a full disk) leaves a last line without a newline: the next row stays whole."""
+    runs.append_rows(str(tmp_path / "results.jsonl"), [GOOD_ROW])
+    with open(tmp_path / "results.jsonl", "ab") as f:
+        f.write(b'{"run_id": "dead", "dataset": "dt')  # cut
+    [row] = run("zeroshot", folder, vit_checkpoint, tmp_path)
+    runs.append_rows(str(tmp_path / "results.jsonl"), [GOOD_ROW])  # after a whole row: no blank line
+    lines = (tmp_path / "results.jsonl").read_bytes().split(b"\n")
+    assert lines[1] == b'{"run_id": "dead", "dataset": "dt' and json.loads(lines[2]) == row and lines[4] == b""
+    capsys.readouterr()
+    assert reproduce.read_results(str(tmp_path))[row["run_id"], row["dataset"], "all"] == row  # done, not glued
+    assert "skipped 1 bad line (line 2: not JSON" in capsys.readouterr().err
+
+
+def rewrite_images(dataset):
+    """Every image rewritten at its path with other pixels (a re-extracted or re-downloaded dataset)."""
+    for path in glob.glob(os.path.join(dataset.removeprefix("folder:"), "*", "*", "*.png")):
+        image = Image.open(path).convert("RGB")
+        Image.eval(image, lambda v: 255 - v).save(path)
+
+
+def test_images_rewritten_at_the_same_paths_are_never_served_stale_features(vit_checkpoint, tmp_path):
+    """The test-feature cache and the feature bank key each image's size and mtime: after a rewrite, the run equals
+    a run on the new images in a fresh folder, tensor for tensor."""
+    dataset = write_colour_folder(str(tmp_path / "data"), size=(16, 16))
+    run("coop", dataset, vit_checkpoint, tmp_path / "out")
+    assert len(glob.glob(str(tmp_path / "out" / "feature_bank" / "*"))) == 1
+    rewrite_images(dataset)
+    stale = run("coop", dataset, vit_checkpoint, tmp_path / "out")
+    fresh = run("coop", dataset, vit_checkpoint, tmp_path / "fresh")
+    assert stale[0]["train_from"] == "feature bank" and stale[0]["accuracy"] == fresh[0]["accuracy"]
+    assert_same_checkpoint(checkpoint_in(tmp_path / "out"), checkpoint_in(tmp_path / "fresh"))
+    assert len(glob.glob(str(tmp_path / "out" / "feature_bank" / "*"))) == 2  # the old bank stays for the old images
+    assert len(glob.glob(str(tmp_path / "out" / "feature_cache" / "*.pt"))) == 2
+
+
+def test_weights_replaced_between_two_runs_of_one_process_are_hashed_again(folder, tmp_path):
+    backbone = str(tmp_path / "tiny.pt")
+    save_state_dict(make_tiny_clip("vit"), backbone)
+    first = run("coop", folder, backbone, tmp_path / "out")
+    save_state_dict(make_tiny_clip("vit", seed=1), backbone)  # the same path, other weights, the same process
+    again = run("coop", folder, backbone, tmp_path / "out")
+    fresh = run("coop", folder, backbone, tmp_path / "fresh")
+    assert again[0]["accuracy"] == fresh[0]["accuracy"] and first[0]["run_id"] == again[0]["run_id"]
+    assert_same_checkpoint(checkpoint_in(tmp_path / "out"), checkpoint_in(tmp_path / "fresh"))
+    assert len(glob.glob(str(tmp_path / "out" / "feature_bank" / "*"))) == 2
+
+
+@pytest.mark.parametrize("how", ["a file", "permission denied"])
+def test_a_feature_store_that_cannot_be_written_warns_once_and_the_run_goes_on(how, folder, vit_checkpoint, tmp_path,
+                                                                               monkeypatch, capsys):
+    reference = run("coop", folder, vit_checkpoint, tmp_path / "reference")
+    out = tmp_path / "out"
+    os.makedirs(out)
+    if how == "a file":
+        for store in ("feature_bank", "feature_cache"):
+            (out / store).write_text("in the way")
+    else:
+        makedirs = os.makedirs
+
+        def refuse(path, *args, **kwargs):
+            if str(path).startswith(str(out / "feature_")):
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            return makedirs(path, *args, **kwargs)
+        monkeypatch.setattr(os, "makedirs", refuse)
+    capsys.readouterr()
+    [row] = run("coop", folder, vit_checkpoint, out)
+    printed = capsys.readouterr().out
+    assert row["train_from"] == "images" and row["accuracy"] == reference[0]["accuracy"]
+    assert printed.count("warning: feature bank ") == 1 and printed.count("warning: the test-feature cache ") == 1
+    assert re.search(r"warning: feature bank \S+ cannot be written \((Not a directory|Permission denied)\): training "
+                     r"from images", printed), printed
+    assert_same_checkpoint(checkpoint_in(out), checkpoint_in(tmp_path / "reference"))
+
+
+def die_mid_write(path):
+    with open(runs.temporary_name(path), "wb") as f:
+        f.write(b"PK\x03\x04 half a file")
+    os._exit(0)  # as kill -9: no cleanup
+
+
+def test_temporary_files_of_dead_writers_are_removed_and_those_of_live_ones_kept(tmp_path):
+    path = str(tmp_path / "checkpoint.pt")
+    fork = multiprocessing.get_context("fork")
+    for _ in range(3):
+        writer = fork.Process(target=die_mid_write, args=(path,))
+        writer.start()
+        writer.join(60)
+    live = runs.temporary_name(path)  # this process: alive, mid-write
+    other_host = f"{path}.elsewhere.1.1.tmp"
+    old_other_host = f"{path}.elsewhere.2.2.tmp"
+    for name in (live, other_host, old_other_host):
+        open(name, "w").close()
+    os.utime(old_other_host, (time.time() - 2 * 86400,) * 2)
+    assert len(glob.glob(path + ".*.tmp")) == 6
+    runs.save_atomic({"epoch": 1}, path)
+    assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", *(os.path.basename(p) for p in (live, other_host))])
+    cache = tmp_path / "feature_cache"
+    writer = fork.Process(target=die_mid_write, args=(str(cache / "0123.pt"),))
+    os.makedirs(cache)
+    writer.start()
+    writer.join(60)
+    features.write_features(torch.zeros(4, 2), str(cache / "4567.pt"), budget=10 ** 6)  # budgeted: sees the dead .tmp
+    assert os.listdir(cache) == ["4567.pt"]
+
+
+def nan_loss_from(call):
+    cross_entropy, calls = torch.nn.functional.cross_entropy, []
+
+    def loss(logits, labels):
+        calls.append(1)
+        return cross_entropy(logits, labels) * (float("nan") if len(calls) >= call else 1.0)
+    return loss
+
+
+@pytest.mark.parametrize("case", ["lr 1e30", "nan in epoch 3", "nan in epoch 1"])
+def test_a_diverged_run_says_to_restart_with_a_lower_lr_and_never_calls_a_useless_checkpoint_good(
+        case, folder, vit_checkpoint, tmp_path, monkeypatch, capsys):
+    if case == "lr 1e30":  # one step per epoch: epoch 2's step sends the parameters to 1e30, epoch 3's loss is nan
+        argv = train_argv("upt", folder, vit_checkpoint, tmp_path, epochs=5, lr=1e30, batch_size=12)
+    else:  # three steps per epoch: step 7 is epoch 3's first, step 1 epoch 1's
+        argv = train_argv("upt", folder, vit_checkpoint, tmp_path, epochs=5)
+        monkeypatch.setattr(train.F, "cross_entropy", nan_loss_from(7 if case == "nan in epoch 3" else 1))
+    err = one_line_error(capsys, ["train.py", *argv])
+    assert "start the run from scratch with a lower --lr than " in err and "(--resume would diverge again)" in err
+    path = os.path.join(train.plan(argv)["run_dir"], "checkpoint.pt")
+    if case == "nan in epoch 1":
+        assert err.startswith("error: loss became nan in epoch 1: ") and err.endswith("; nothing was saved\n")
+        assert not os.path.exists(path)
+        return
+    assert err.startswith("error: loss became nan in epoch 3: ")
+    assert torch.load(path, weights_only=True)["epoch"] == 2
+    if case == "lr 1e30":
+        assert re.search(rf"; {re.escape(path)} \(epoch 2\) is no good either: its parameters reach \d\.\de\+\d\d\n$",
+                         err), err
+    else:
+        assert err.endswith(f"; {path} holds epoch 2, before the loss diverged (evaluate it with --eval-only)\n")
+
+
+CLIP_API = [  # (id, call, what the CLIPError says)
+    ("tokenize bytes", lambda p: clip_model.tokenize(b"dog"), "takes a str or a list of str, not bytes: decode it"),
+    ("tokenize None in a list", lambda p: clip_model.tokenize(["a dog", None]), "item 1 is a NoneType"),
+    ("tokenize an int", lambda p: clip_model.tokenize(5), "takes a str or a list of str, not int"),
+    ("context_length 0", lambda p: clip_model.tokenize("dog", context_length=0, truncate=True),
+     "context_length must be an int of at least 2, room for [SOS] and [EOT] (got 0)"),
+    ("context_length 2.5", lambda p: clip_model.tokenize("dog", context_length=2.5), "(got 2.5)"),
+    ("load non-string keys", lambda p: clip_model.load(p["int_keys"], "cpu"), "key 1 is a int, not a str"),
+    ("load a value not a tensor", lambda p: clip_model.load(p["str_value"], "cpu"),
+     "not a CLIP state dict (visual.proj is a str, not a tensor)"),
+    ("build_model of a list", lambda p: clip_model.build_model([1, 2]), "not a CLIP state dict (a list"),
+    ("build_model of a 0-d tensor", lambda p: clip_model.build_model({"visual.proj": torch.zeros(()),
+                                                                       "visual.conv1.weight": torch.zeros(())}),
+     "not a CLIP state dict (IndexError"),
+]
+
+
+@pytest.mark.parametrize("name, call, expected", CLIP_API, ids=[case[0] for case in CLIP_API])
+def test_the_clip_api_says_what_it_expected(name, call, expected, tmp_path):
+    paths = {"int_keys": str(tmp_path / "int_keys.pt"), "str_value": str(tmp_path / "str_value.pt")}
+    torch.save({1: torch.zeros(2), "visual.proj": torch.zeros(2)}, paths["int_keys"])
+    torch.save({"visual.proj": "a string"}, paths["str_value"])
+    before = snapshot(tmp_path)
+    with pytest.raises(clip_model.CLIPError) as info:
+        call(paths)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+    assert snapshot(tmp_path) == before
