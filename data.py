@@ -79,7 +79,7 @@ def split_entry_ok(entry):
 
 def read_split_json(path, image_dir):
     """CoOp's split_zhou_<Name>.json: {"train"|"val"|"test": [[path relative to image_dir, label, classname], ...]}."""
-    fix = f"download it again from CoOp's DATASETS.md ({COOP_DATASETS_MD})"
+    fix = f"delete it and pass --download, or get it again from CoOp's DATASETS.md ({COOP_DATASETS_MD})"
     try:
         with open(path, encoding="utf-8") as f:
             split = json.load(f)
