@@ -7,7 +7,6 @@ Arrows: clip_model.load imports this file only for what clip_model.py cannot do 
 safetensors, foreign layouts), so clip_model.py copied without it still loads a local OpenAI-format checkpoint; this
 file uses clip_model's reader of those files, its error class and nothing else of the model.
 """
-import fcntl
 import hashlib
 import http.client
 import json
@@ -21,6 +20,11 @@ import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from typing import NamedTuple
+
+try:
+    import fcntl
+except ImportError:  # Windows: no locks; unique temporary names still keep every file whole
+    fcntl = None
 
 import torch
 
@@ -67,36 +71,37 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 def read_safetensors(path):
     """An 8-byte little-endian header length n, n bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}
     (offsets into the data after the header), then the data. Untrusted: every field is checked -> {name: tensor}."""
-    with open(path, "rb") as f:
-        data = f.read()
     bad = lambda why: CLIPError(f"{path} is not a valid safetensors file ({why}): delete it and download it again")
-    if len(data) < 8:
-        raise bad(f"{len(data)} bytes")
-    n = struct.unpack("<Q", data[:8])[0]
-    if n > len(data) - 8:
-        raise bad(f"header of {n} bytes in a file of {len(data)}")
-    try:
-        header = json.loads(data[8:8 + n])
-    except (ValueError, UnicodeDecodeError) as e:
-        raise bad(f"header is not JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    body, tensors = memoryview(data)[8 + n:], {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise bad(f"{size} bytes")
+        n = struct.unpack("<Q", f.read(8))[0]
+        if n > size - 8:
+            raise bad(f"header of {n} bytes in a file of {size}")
         try:
-            dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
-            assert all(type(s) is int and s >= 0 for s in shape) and type(begin) is type(end) is int
-        except (KeyError, TypeError, ValueError, AssertionError):
-            raise bad(f"{name!r}: {json.dumps(entry)[:80]}, not a known dtype, a shape and [begin, end]") from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        if not 0 <= begin <= end <= len(body) or end - begin != numel * dtype.itemsize:
-            raise bad(f"{name!r}: bytes {begin}..{end} of {len(body)} do not hold {entry['dtype']} {shape}")
-        chunk = bytearray(body[begin:end])  # a copy: aligned, writable, owned by the tensor
-        tensors[name] = torch.frombuffer(chunk, dtype=dtype).reshape(shape) if numel else torch.empty(shape, dtype=dtype)
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise bad(f"header is not JSON: {e}") from None
+        if not isinstance(header, dict):
+            raise bad("header is not a JSON object")
+        tensors, data_size = {}, size - 8 - n
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"], entry["data_offsets"]
+                assert all(type(s) is int and s >= 0 for s in shape) and type(begin) is type(end) is int
+            except (KeyError, TypeError, ValueError, AssertionError):
+                raise bad(f"{name!r}: {json.dumps(entry)[:80]}, not a known dtype, a shape and [begin, end]") from None
+            numel = 1
+            for s in shape:
+                numel *= s
+            if not 0 <= begin <= end <= data_size or end - begin != numel * dtype.itemsize:
+                raise bad(f"{name!r}: bytes {begin}..{end} of {data_size} do not hold {entry['dtype']} {shape}")
+            f.seek(8 + n + begin)
+            chunk = bytearray(f.read(end - begin))  # aligned, writable, owned by the tensor
+            tensors[name] = torch.frombuffer(chunk, dtype=dtype).reshape(shape) if numel else torch.empty(shape, dtype=dtype)
     return tensors
 
 
@@ -172,6 +177,9 @@ def read_json(path):
 
 @contextmanager
 def locked(folder):
+    if fcntl is None:
+        yield
+        return
     fd = os.open(folder, os.O_RDONLY)
     try:
         try:
@@ -296,6 +304,8 @@ def hub_download(repo, filename):
         if status == 200 or headers.get("X-Linked-Etag"):
             break
         url = urllib.parse.urljoin(url, headers.get("Location", ""))
+    else:
+        raise CLIPError(f"{url}: redirected 5 times without the file's SHA256 (X-Linked-Etag): cannot verify it")
     commit = headers.get("X-Repo-Commit")
     if not commit:
         raise CLIPError(f"{url} answered without X-Repo-Commit: is HF_ENDPOINT ({endpoint}) a Hugging Face hub?")
@@ -364,8 +374,9 @@ def find_openai(name, root):
         if path:
             return weights(path, hub_source(repo, path), sha256_of(path))
     if offline():
-        raise CLIPError(f"{name}: HF_HUB_OFFLINE is set and neither {target} nor the hub copy {repo} in "
-                        f"{hub_cache()} is there: unset it, or pass a checkpoint path")
+        mine = f"{target} is corrupt" if os.path.isfile(target) else f"{target} is not there"
+        raise CLIPError(f"{name}: HF_HUB_OFFLINE is set, {mine} and the hub copy {repo} is not in {hub_cache()}: "
+                        f"unset HF_HUB_OFFLINE, or pass a checkpoint path")
     try:
         return weights(download(url, root), url, sha256)
     except CLIPError as e:

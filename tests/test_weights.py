@@ -480,3 +480,16 @@ def test_four_processes_downloading_at_once_all_end_with_the_verified_file(tmp_p
     assert len(downloads) == 1  # one process downloaded, the others waited for the lock and found the file
     folder = os.path.dirname(os.path.realpath(results[0]))
     assert os.listdir(folder) == [os.path.basename(os.path.realpath(results[0]))]  # no temporary file left
+
+
+def test_offline_openai_name_says_what_is_missing_or_corrupt(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setitem(clip_model._MODELS, "RN50", f"http://127.0.0.1:9/openai/{'ab' * 32}/RN50.pt")
+    for state in ("missing", "corrupt"):
+        if state == "corrupt":
+            (tmp_path / "RN50.pt").write_bytes(b"not the weights")
+        with pytest.raises(CLIPError, match=f"HF_HUB_OFFLINE is set, {re.escape(str(tmp_path))}/RN50.pt is "
+                                            f"{'not there' if state == 'missing' else 'corrupt'}") as excinfo:
+            clip_model.load("RN50", device="cpu", download_root=str(tmp_path))
+        assert "\n" not in str(excinfo.value)
+    assert (tmp_path / "RN50.pt").read_bytes() == b"not the weights"  # said to be wrong, left for the user
