@@ -431,12 +431,6 @@ def available_models():
     return list(_MODELS)
 
 
-def weights_sha256(name):
-    """SHA256 of the file load(name) reads (finding, and for a name downloading, it with clip_weights.py)."""
-    import clip_weights
-    return clip_weights.find(name).sha256
-
-
 def _to_rgb(image):
     return image.convert("RGB")
 

@@ -16,7 +16,7 @@ import shutil
 
 import torch
 
-import clip_model
+import clip_weights
 import data
 from runs import locked, progress, save_atomic
 
@@ -25,8 +25,9 @@ BANK_BUDGET = 100 * 2 ** 30  # bytes one feature bank may take (and never more t
 
 
 @functools.lru_cache
-def backbone_sha256(backbone):
-    return clip_model.weights_sha256(backbone)
+def backbone_weights(backbone):
+    """The file clip_model.load(backbone) reads: its source and SHA256 key the features and go into results rows."""
+    return clip_weights.find(backbone)
 
 
 def features_key(*parts):
@@ -79,7 +80,7 @@ def encode_all(clip, loader, device, autocast, what):
 
 def image_features(clip, items, transform, *, backbone, output_dir, workers, device, autocast):
     """(N, E) features of the images `items` under a deterministic transform, cached in OUTPUT/feature_cache/."""
-    key = features_key(backbone_sha256(backbone), data.transform_key(transform), items, str(feature_dtype(autocast)),
+    key = features_key(backbone_weights(backbone).sha256, data.transform_key(transform), items, str(feature_dtype(autocast)),
                        device)
     path = os.path.join(output_dir, "feature_cache", f"{key}.pt")
     shape, dtype = (len(items), clip.visual.output_dim), feature_dtype(autocast)
@@ -101,7 +102,7 @@ class FeatureBank:
         transform = data.train_transform(clip.visual.input_resolution)
         self.make_loader = functools.partial(data.make_loader, items, transform, 256, train=False, seed=seed,
                                              workers=workers)
-        key = features_key(backbone_sha256(backbone), data.transform_key(transform), items, seed,
+        key = features_key(backbone_weights(backbone).sha256, data.transform_key(transform), items, seed,
                            str(feature_dtype(autocast)), device)
         self.dir = os.path.join(output_dir, "feature_bank", key)
         self.shape, self.dtype = (len(items), clip.visual.output_dim), feature_dtype(autocast)

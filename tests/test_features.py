@@ -45,7 +45,7 @@ def test_feature_cache_is_reused_by_another_process_and_not_after_new_weights(fo
         first = json.loads(f.readline())
     assert train.run(train.parse_args(argv))[0]["accuracy"] == first["accuracy"]
     save_state_dict(make_tiny_clip("vit", seed=1), backbone)  # the same path, other weights
-    features.backbone_sha256.cache_clear()
+    features.backbone_weights.cache_clear()
     with pytest.raises(AssertionError, match="computed again"):
         train.run(train.parse_args(argv))
 

@@ -493,3 +493,39 @@ def test_offline_openai_name_says_what_is_missing_or_corrupt(tmp_path, monkeypat
             clip_model.load("RN50", device="cpu", download_root=str(tmp_path))
         assert "\n" not in str(excinfo.value)
     assert (tmp_path / "RN50.pt").read_bytes() == b"not the weights"  # said to be wrong, left for the user
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# train.py: --backbone takes every source; a results row records the weights' source and SHA256 beside the backbone
+
+def test_a_run_on_an_open_clip_folder_records_the_weights_source_and_sha256(folder, tmp_path, vit, capsys):
+    import train
+    from conftest import read_rows, train_argv
+    path = write_layout(str(tmp_path / "gelu-clip"), vit, "open_clip", "safetensors", quick_gelu=False)
+    rows = train.run(train.parse_args(train_argv("zeroshot", folder, str(tmp_path / "gelu-clip"), tmp_path / "out")))
+    assert read_rows(tmp_path / "out") == rows and len(rows) == 1
+    row = rows[0]
+    assert row["backbone"] == str(tmp_path / "gelu-clip") and row["weights"] == path
+    assert row["weights_sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    out = capsys.readouterr().out
+    assert "GELU (model_cfg.quick_gelu=False" in out
+    if not torch.cuda.is_available():  # the header says what runs
+        assert "precision fp32 (--precision amp: autocast runs on CUDA only)" in out
+
+
+def test_workers_default_is_at_most_the_cpus():
+    import train
+    args = train.parse_args(["--method", "zeroshot", "--dataset", "dtd"])
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert args.workers == min(4, cpus)
+
+
+def test_backbone_accepts_hf_hub_names_and_folders(tmp_path):
+    import runs
+    import train
+    for backbone in ("hf-hub:org/name", str(tmp_path)):
+        args = train.parse_args(["--method", "zeroshot", "--dataset", "dtd", "--backbone", backbone])
+        runs.resolve(args)
+        assert args.backbone == backbone
+    assert os.sep + "hf-hub_org_name" + os.sep in runs.run_dir(args, {**runs.settings_of(args),
+                                                                      "backbone": "hf-hub:org/name"})
