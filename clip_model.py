@@ -1,5 +1,6 @@
 """Minimal CLIP (Radford et al. 2021, arXiv:2103.00020): OpenAI's ViT / ModifiedResNet image encoders, the causal text
-Transformer, a hand-written byte-level BPE tokenizer and `load` for OpenAI checkpoints, with OpenAI's API and key names.
+Transformer, a hand-written byte-level BPE tokenizer and `load` (OpenAI-format files here; names, the hub and other
+layouts through clip_weights.py), with OpenAI's API and key names.
 One prompt-injection point serves every method: `encode_image(images, prompts)` and `encode_text(text, prompts)`.
 
 Legend: B images, K classes, N text sequences, L tokens, D width, E embedding dim, n prompt tokens, depth prompted layers.
@@ -9,7 +10,6 @@ import hashlib
 import html
 import os
 import pickle
-import sys
 import zipfile
 from collections import OrderedDict
 

@@ -14,7 +14,6 @@ import os
 import shutil
 import struct
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -171,6 +170,11 @@ def read_json(path):
         raise CLIPError(f"cannot read {path} ({one_line(e)}): delete it and download it again") from None
 
 
+def unique_name(path):
+    """A temporary name beside path that no other process or thread uses (created with the umask's permissions)."""
+    return f"{path}.{os.getpid()}-{os.urandom(4).hex()}.part"
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Downloads: one process downloads under a lock on the folder into a unique temporary name, checks the SHA256 and
 # renames the file into place; the others wait for the lock and find the file.
@@ -205,9 +209,9 @@ def fetch(request, target, sha256):
             print(f"{target} is corrupt (SHA256 {found[:12]}..., expected {sha256[:12]}...): downloading it again",
                   file=sys.stderr)
         print(f"downloading {url} -> {target}", file=sys.stderr)
-        fd, partial = tempfile.mkstemp(dir=folder, prefix=os.path.basename(target) + ".", suffix=".part")
+        partial = unique_name(target)
         try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=60) as source:
+            with open(partial, "xb") as out, urllib.request.urlopen(request, timeout=60) as source:
                 shutil.copyfileobj(source, out, 1 << 20)
             if sha256_of(partial) != sha256:
                 raise CLIPError(f"download of {url} is incomplete or corrupt (SHA256 is not {sha256}): run again")
@@ -323,7 +327,7 @@ def hub_download(repo, filename):
         blob = fetch(urllib.parse.urljoin(url, headers["Location"]), os.path.join(folder, "blobs", sha256), sha256)
     link = os.path.join(folder, "snapshots", commit, filename)
     os.makedirs(os.path.dirname(link), exist_ok=True)
-    temporary = f"{link}.{os.getpid()}.tmp"
+    temporary = unique_name(link)
     try:
         os.symlink(os.path.relpath(blob, os.path.dirname(link)), temporary)
     except OSError:  # no symlinks (Windows without developer mode): a copy, as huggingface_hub does
@@ -335,8 +339,8 @@ def hub_download(repo, filename):
 
 def write_atomic(path, data):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
+    temporary = unique_name(path)
+    with open(temporary, "xb") as f:
         f.write(data)
     os.replace(temporary, path)
 

@@ -12,7 +12,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import urllib.request
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -347,8 +346,8 @@ def download_split(path, log):
         raise DataError(f"{url} is not the pinned {name} (git blob id {git_blob_id(data)}, expected "
                         f"{SPLIT_BLOB_IDS[name]}): nothing written; fetch it elsewhere and put it in {folder}")
     os.makedirs(folder, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=folder, prefix=name + ".", suffix=".part")
-    with os.fdopen(fd, "wb") as f:
+    partial = f"{path}.{os.getpid()}-{os.urandom(4).hex()}.part"  # unique: concurrent runs never share it
+    with open(partial, "xb") as f:
         f.write(data)
     os.replace(partial, path)
 

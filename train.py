@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
     p.add_argument("--dataset", required=True, help="CoOp dataset name (e.g. dtd, imagenet) or folder:/path")
     p.add_argument("--root", default=os.environ.get("DATA", "DATA"), help="folder holding the datasets ($DATA)")
-    p.add_argument("--download", action="store_true", help="download the dataset with torchvision where possible")
+    p.add_argument("--download", action="store_true", help="fetch a missing dataset (torchvision) and split file")
     p.add_argument("--shots", type=int, help="training images per class (CoOp: 1, 2, 4, 8, 16; default 16)")
     p.add_argument("--seed", type=int, help="seed of the few-shot subset, initialisation, order and augmentation "
                                             "(the papers average 1, 2, 3; default 1)")
