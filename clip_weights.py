@@ -100,7 +100,8 @@ def read_safetensors(path):
                 raise bad(f"{name!r}: bytes {begin}..{end} of {data_size} do not hold {entry['dtype']} {shape}")
             f.seek(8 + n + begin)
             chunk = bytearray(f.read(end - begin))  # aligned, writable, owned by the tensor
-            tensors[name] = torch.frombuffer(chunk, dtype=dtype).reshape(shape) if numel else torch.empty(shape, dtype=dtype)
+            tensors[name] = torch.frombuffer(chunk, dtype=dtype).reshape(shape) if numel else \
+                torch.empty(shape, dtype=dtype)
     return tensors
 
 

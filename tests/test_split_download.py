@@ -1,5 +1,5 @@
-"""data.py --download fetches CoOp's split file from the pinned GitHub copy (a loopback server here), checks its git blob
-id, and puts it where CoOp's layout expects it; an altered or unreachable file is refused, leaving nothing."""
+"""data.py --download fetches CoOp's split file from the pinned GitHub copy (a loopback server here), checks its git
+blob id, and puts it where CoOp's layout expects it; an altered or unreachable file is refused, leaving nothing."""
 import hashlib
 import http.server
 import json
@@ -69,7 +69,7 @@ def test_every_split_file_has_a_pinned_copy():
                                "ac9077ee4e422f768c9b9109551468605e33ec9a/splits")
     assert sorted(data.SPLIT_BLOB_IDS) == sorted(s["split"] for s in data.DATASETS.values() if "split" in s)
     assert data.SPLIT_BLOB_IDS["split_zhou_DescribableTextures.json"] == "8dd197a94b598fa44ee3c9e35c486dd017ab00a7"
-    assert data.git_blob_id(b"hello\n") == "ce013625030ba8dba906f756967f9e9ca394464a"  # `echo hello | git hash-object --stdin`
+    assert data.git_blob_id(b"hello\n") == "ce013625030ba8dba906f756967f9e9ca394464a"  # echo hello | git hash-object --stdin
 
 
 def test_download_fetches_verifies_and_places_the_split_file(dtd, github, monkeypatch):

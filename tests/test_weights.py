@@ -41,7 +41,7 @@ def safetensors_bytes(tensors, metadata=None):
     header, chunks, offset = ({"__metadata__": metadata} if metadata else {}), [], 0
     for name, t in tensors.items():
         raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        header[name] = dict(dtype=ST_DTYPES[t.dtype], shape=list(t.shape), data_offsets=[offset, offset + len(raw)])
         chunks.append(raw)
         offset += len(raw)
     text = json.dumps(header).encode()
@@ -53,11 +53,13 @@ def transformers_state_dict(sd):
     """OpenAI's keys -> transformers' CLIPModel keys: in_proj split into q, k, v; projections as Linear weights."""
     renames = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
                "positional_embedding": "text_model.embeddings.position_embedding.weight",
-               "ln_final.weight": "text_model.final_layer_norm.weight", "ln_final.bias": "text_model.final_layer_norm.bias",
+               "ln_final.weight": "text_model.final_layer_norm.weight",
+               "ln_final.bias": "text_model.final_layer_norm.bias",
                "visual.class_embedding": "vision_model.embeddings.class_embedding",
                "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
                "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
-               "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight", "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
+               "visual.ln_pre.weight": "vision_model.pre_layrnorm.weight",
+               "visual.ln_pre.bias": "vision_model.pre_layrnorm.bias",
                "visual.ln_post.weight": "vision_model.post_layernorm.weight",
                "visual.ln_post.bias": "vision_model.post_layernorm.bias", "logit_scale": "logit_scale"}
     block = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1",
@@ -66,7 +68,8 @@ def transformers_state_dict(sd):
     for key, value in sd.items():
         m = re.fullmatch(r"(visual\.)?transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)", key)
         if key in ("text_projection", "visual.proj"):
-            out["text_projection.weight" if key == "text_projection" else "visual_projection.weight"] = value.t().clone()
+            linear = "text_projection.weight" if key == "text_projection" else "visual_projection.weight"
+            out[linear] = value.t().clone()  # (E, D)
         elif key.endswith(("in_proj_weight", "in_proj_bias")):
             m = re.fullmatch(r"(visual\.)?transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)", key)
             tower = "vision_model" if m[1] else "text_model"
@@ -156,7 +159,7 @@ def test_each_layout_loads_to_the_outputs_of_the_model_it_was_written_from(tmp_p
         assert_same_outputs(model, reference)
         assert model.state_dict().keys() == vit.state_dict().keys()
         said = capsys.readouterr().out
-        assert f"{'QuickGELU' if quick_gelu else 'GELU'} (" in said and path in said, said  # said, never guessed silently
+        assert f"{'QuickGELU' if quick_gelu else 'GELU'} (" in said and path in said, said  # said, never guessed
     assert not torch.equal(outputs(model)[0], outputs(with_activation(vit, not quick_gelu))[0])  # the choice matters
 
 
@@ -247,9 +250,11 @@ def test_clip_model_alone_runs_a_method_from_a_local_openai_checkpoint(tmp_path,
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# A loopback server answering like the Hugging Face hub: /ORG/NAME/resolve/main/FILE answers a weights file with a 302
-# to /storage/<sha256> carrying X-Linked-Etag (the SHA256) and X-Repo-Commit; a small file with a 200 whose ETag is its
-# git blob id; /openai/<sha256>/<file> stands for OpenAI's URLs.
+# A loopback server answering like the Hugging Face hub (huggingface_hub 2.4 downloads from it: checked once in a
+# scratch environment). /ORG/NAME/resolve/main/FILE answers a weights file with a 302 to
+# http://localhost:<port>/storage/<sha256> (another host, as the hub's CDN: a redirect within the hub means a renamed
+# repo) carrying X-Linked-Etag (the SHA256) and X-Repo-Commit, and a small file with a 200 whose ETag is its git blob
+# id. /openai/<sha256>/<file> stands for OpenAI's URLs.
 
 class Hub(http.server.ThreadingHTTPServer):
     daemon_threads = True
@@ -257,6 +262,7 @@ class Hub(http.server.ThreadingHTTPServer):
     def __init__(self):
         super().__init__(("127.0.0.1", 0), HubHandler)
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        self.storage_url = f"http://localhost:{self.server_address[1]}/storage/"  # another host name, as the hub's CDN
         self.repos, self.storage, self.openai, self.requests, self.delay = {}, {}, {}, [], 0.0
 
     def add(self, repo, filename, data):
@@ -289,7 +295,7 @@ class HubHandler(http.server.BaseHTTPRequestHandler):
             return self.answer(404, None)
         sha256 = hashlib.sha256(data).hexdigest()
         if filename.endswith((".safetensors", ".bin")):
-            return self.answer(302, b"", {"Location": f"/storage/{sha256}", "X-Linked-Etag": f'"{sha256}"',
+            return self.answer(302, b"", {"Location": hub.storage_url + sha256, "X-Linked-Etag": f'"{sha256}"',
                                           "X-Repo-Commit": COMMIT, "ETag": f'"{sha256}"'})
         blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
         return self.answer(200, data, {"ETag": f'"{blob}"', "X-Repo-Commit": COMMIT})
