@@ -535,3 +535,12 @@ def test_backbone_accepts_hf_hub_names_and_folders(tmp_path):
         assert args.backbone == backbone
     assert os.sep + "hf-hub_org_name" + os.sep in runs.run_dir(args, {**runs.settings_of(args),
                                                                       "backbone": "hf-hub:org/name"})
+
+
+def test_hf_hub_cache_comes_before_hf_home(tmp_path, hub, vit, monkeypatch):
+    write_layout(str(tmp_path / "src"), vit, "transformers", "safetensors", quick_gelu=True)
+    hub.add_folder("org/tiny", str(tmp_path / "src"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub_cache"))
+    clip_model.load("hf-hub:org/tiny", device="cpu")
+    assert os.path.isdir(tmp_path / "hub_cache" / "models--org--tiny" / "snapshots" / COMMIT)
+    assert not os.path.exists(os.path.join(os.environ["HF_HOME"], "hub"))
