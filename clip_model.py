@@ -523,11 +523,11 @@ def load(name, device=None, jit=False, download_root=None):
         if e.name != "clip_weights" or not os.path.isfile(name):
             raise CLIPError(f"model {name!r}: names, hf-hub: and folders need clip_weights.py beside clip_model.py; "
                             f"or pass the path of an OpenAI checkpoint file") from None
-        path, state_dict, quick_gelu, why = name, read_state_dict(name), True, "QuickGELU (OpenAI's activation)"
+        path, state_dict, quick_gelu = name, read_state_dict(name), True
     else:
         weights = clip_weights.find(name, download_root)
-        path, state_dict, quick_gelu, why = weights.path, clip_weights.read(weights), weights.quick_gelu, weights.why
-        print(f"CLIP weights: {weights.source} (SHA256 {weights.sha256[:12]}...), {why}")
+        path, state_dict, quick_gelu = weights.path, clip_weights.read(weights), weights.quick_gelu
+        print(f"CLIP weights: {weights.source} (SHA256 {weights.sha256[:12]}...), {weights.why}")
     try:
         model = build_model(state_dict, quick_gelu)
     except CLIPError as e:

@@ -610,7 +610,8 @@ def main():
     parser.add_argument("--seed", type=int, default=1, help="few-shot sampling seed (the papers average seeds 1, 2, 3)")
     parser.add_argument("--subsample", default="all", help="all, or base / new: first / second half of the classes")
     parser.add_argument("--n-px", type=int, default=224, help="model input resolution shown in the transforms")
-    parser.add_argument("--download", action="store_true", help="fetch the dataset with torchvision where it can, and CoOp's split file")
+    parser.add_argument("--download", action="store_true",
+                        help="fetch the dataset with torchvision where it can, and CoOp's split file")
     parser.add_argument("--list-fewshot", action="store_true",
                         help="print the training images in order, one 'relative/path label' a line")
     args = parser.parse_args()

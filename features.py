@@ -80,8 +80,8 @@ def encode_all(clip, loader, device, autocast, what):
 
 def image_features(clip, items, transform, *, backbone, output_dir, workers, device, autocast):
     """(N, E) features of the images `items` under a deterministic transform, cached in OUTPUT/feature_cache/."""
-    key = features_key(backbone_weights(backbone).sha256, data.transform_key(transform), items, str(feature_dtype(autocast)),
-                       device)
+    key = features_key(backbone_weights(backbone).sha256, data.transform_key(transform), items,
+                       str(feature_dtype(autocast)), device)
     path = os.path.join(output_dir, "feature_cache", f"{key}.pt")
     shape, dtype = (len(items), clip.visual.output_dim), feature_dtype(autocast)
     features = read_features(path, shape, dtype)
