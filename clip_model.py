@@ -1,5 +1,6 @@
 """Minimal CLIP (Radford et al. 2021, arXiv:2103.00020): OpenAI's ViT / ModifiedResNet image encoders, the causal text
-Transformer, a hand-written byte-level BPE tokenizer and `load` for OpenAI checkpoints, with OpenAI's API and key names.
+Transformer, a hand-written byte-level BPE tokenizer and `load` (OpenAI-format files here; names, the hub and other
+layouts through clip_weights.py), with OpenAI's API and key names.
 One prompt-injection point serves every method: `encode_image(images, prompts)` and `encode_text(text, prompts)`.
 
 Legend: B images, K classes, N text sequences, L tokens, D width, E embedding dim, n prompt tokens, depth prompted layers.
@@ -7,12 +8,8 @@ Legend: B images, K classes, N text sequences, L tokens, D width, E embedding di
 import gzip
 import hashlib
 import html
-import http.client
 import os
 import pickle
-import shutil
-import sys
-import urllib.request
 import zipfile
 from collections import OrderedDict
 
@@ -390,8 +387,9 @@ class CLIP(nn.Module):
         return logits_per_image, logits_per_image.t()
 
 
-def build_model(state_dict):
-    """Infer every hyperparameter from the state dict's shapes (as OpenAI's build_model) -> fp32 CLIP in eval mode."""
+def build_model(state_dict, quick_gelu=True):
+    """Infer every hyperparameter from the state dict's shapes (as OpenAI's build_model) -> fp32 CLIP in eval mode.
+    quick_gelu=False: exact GELU in every MLP, for weights trained so (LAION, DataComp; the keys are the same)."""
     if not isinstance(state_dict, dict):
         raise CLIPError(f"not a CLIP state dict (a {type(state_dict).__name__}, not a dict of name -> tensor)")
     odd = next((k for k in state_dict if not isinstance(k, str)), None)
@@ -423,11 +421,15 @@ def build_model(state_dict):
         model.load_state_dict({k: v.to(own[k].dtype) if k in own else v for k, v in sd.items()}, assign=True)
     except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as e:  # a missing entry, a wrong shape
         raise CLIPError(f"not a CLIP state dict ({one_line(e)})") from None
+    for block in [] if quick_gelu else model.modules():
+        if isinstance(block, ResidualAttentionBlock):
+            block.mlp.gelu = nn.GELU()
     return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Loading: official names download once (SHA256 in the URL is checked); files are TorchScript archives or state dicts
+# Loading: OpenAI's names and preprocessing, and its checkpoint formats (TorchScript archives, state dicts) read here;
+# everything else about where weights come from is in clip_weights.py
 
 _MODELS = {name: f"https://openaipublic.azureedge.net/clip/models/{sha}/{file}" for name, sha, file in [
     ("RN50", "afeb0e10f9e5a86da6080e35cf09123aca3b358a0c3e3b6c78a7b63bc04b6762", "RN50.pt"),
@@ -456,42 +458,6 @@ def image_transform(n_px):
     """CLIP's test preprocessing: bicubic resize of the short side, center crop, RGB, [0, 1], CLIP mean/std."""
     return T.Compose([T.Resize(n_px, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(n_px), _to_rgb,
                       T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
-
-
-def weights_sha256(name):
-    """SHA256 of a model's weights: an official name's is in its URL (download() checks the file against it)."""
-    return _MODELS[name].split("/")[-2] if name in _MODELS else _sha256(name)
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def download(url, root):
-    """Download url into root once; the file is verified against the SHA256 in its URL and renamed into place."""
-    os.makedirs(root, exist_ok=True)
-    target, expected = os.path.join(root, os.path.basename(url)), url.split("/")[-2]
-    if os.path.isfile(target) and _sha256(target) == expected:
-        return target
-    print(f"downloading {url} -> {target}", file=sys.stderr)
-    partial = target + ".part"
-    try:
-        with urllib.request.urlopen(url, timeout=60) as source, open(partial, "wb") as out:
-            shutil.copyfileobj(source, out, 1 << 20)
-    except (OSError, http.client.HTTPException) as e:
-        if os.path.exists(partial):
-            os.remove(partial)
-        raise CLIPError(f"could not download {url} ({one_line(e)}): without network, fetch it elsewhere and copy it "
-                        f"to {target}, or pass the file's path instead of the model name") from None
-    if _sha256(partial) != expected:
-        os.remove(partial)
-        raise CLIPError(f"download of {url} is incomplete or corrupt (SHA256 mismatch): run again to retry")
-    os.replace(partial, target)
-    return target
 
 
 class _ScriptObject:
@@ -565,18 +531,24 @@ def read_state_dict(path):
 
 
 def load(name, device=None, jit=False, download_root=None):
-    """Official model name (see available_models()) or checkpoint path -> (fp32 CLIP in eval mode, preprocess)."""
+    """OpenAI model name (see available_models()), hf-hub:ORG/NAME, a folder or a checkpoint file -> (fp32 CLIP in eval
+    mode, preprocess). Names, the hub, folders, safetensors and open_clip / transformers layouts are clip_weights.py's,
+    imported here only: without it, this file alone loads OpenAI-format files (QuickGELU, as OpenAI's load)."""
     if jit:
         raise CLIPError("jit=True is not supported: this CLIP is plain PyTorch (use jit=False)")
-    if name in _MODELS:
-        path = download(_MODELS[name], download_root or os.path.expanduser("~/.cache/clip"))
-    elif os.path.isfile(name):
-        path = name
-    else:
-        raise CLIPError(f"model {name!r} not found: use one of {available_models()} or the path of a checkpoint file")
-    state_dict = read_state_dict(path)
     try:
-        model = build_model(state_dict)
+        import clip_weights
+    except ModuleNotFoundError as e:
+        if e.name != "clip_weights" or not os.path.isfile(name):
+            raise CLIPError(f"model {name!r}: names, hf-hub: and folders need clip_weights.py beside clip_model.py; "
+                            f"or pass the path of an OpenAI checkpoint file") from None
+        path, state_dict, quick_gelu = name, read_state_dict(name), True
+    else:
+        weights = clip_weights.find(name, download_root)
+        path, state_dict, quick_gelu = weights.path, clip_weights.read(weights), weights.quick_gelu
+        print(f"CLIP weights: {weights.source} (SHA256 {weights.sha256[:12]}...), {weights.why}")
+    try:
+        model = build_model(state_dict, quick_gelu)
     except CLIPError as e:
         raise CLIPError(f"{path}: {e}") from None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -5,12 +5,14 @@ prints what train.py will see; `--list-fewshot` prints the sampled training imag
 import argparse
 import difflib
 import hashlib
+import http.client
 import json
 import math
 import os
 import random
 import re
 import sys
+import urllib.request
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -76,7 +78,7 @@ def split_entry_ok(entry):
 
 def read_split_json(path, image_dir):
     """CoOp's split_zhou_<Name>.json: {"train"|"val"|"test": [[path relative to image_dir, label, classname], ...]}."""
-    fix = f"download it again from CoOp's DATASETS.md ({COOP_DATASETS_MD})"
+    fix = f"delete it and pass --download, or get it again from CoOp's DATASETS.md ({COOP_DATASETS_MD})"
     try:
         with open(path, encoding="utf-8") as f:
             split = json.load(f)
@@ -310,6 +312,46 @@ DATASETS = {
 }
 
 
+# CoOp's split files sit behind Google Drive (CoOp#29); nine of them are in a public, MIT-licensed GitHub repository,
+# pinned here at one commit and checked by git blob id: sha1(b"blob <size>\0" + bytes), what `git hash-object` prints.
+SPLITS_URL = ("https://raw.githubusercontent.com/linzhiqiu/cross_modal_adaptation/"
+              "ac9077ee4e422f768c9b9109551468605e33ec9a/splits")
+SPLIT_BLOB_IDS = {"split_zhou_Caltech101.json": "8be694a80de04a39fb159c462bea9696aa47ccf1",
+                  "split_zhou_DescribableTextures.json": "8dd197a94b598fa44ee3c9e35c486dd017ab00a7",
+                  "split_zhou_EuroSAT.json": "6bdc847a5d5c49dcc78e8cb8707b87198cbfa5a4",
+                  "split_zhou_Food101.json": "39557040ee6501bd32aa8b5dfd75f7941a32f0a7",
+                  "split_zhou_OxfordFlowers.json": "8d10037b0690b6c65e307a354b039efb0f42404c",
+                  "split_zhou_OxfordPets.json": "fa821d9f9e7d32fdf3640bf74fa7491ed04f37da",
+                  "split_zhou_SUN397.json": "8d5725db8f70bcf02245665304f863e68f96a24c",
+                  "split_zhou_StanfordCars.json": "dcdb8264712e9940e74cfb0f06ddb8f9cc239b81",
+                  "split_zhou_UCF101.json": "ea87e3de7b4f6f00fdd77618e34a23508b4c5590"}
+
+
+def git_blob_id(data):
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def download_split(path, log):
+    """Fetch CoOp's split file `path` (its name) from the pinned copy, check its git blob id, rename it into place."""
+    name, folder = os.path.basename(path), os.path.dirname(path)
+    url = f"{SPLITS_URL}/{name}"
+    log(f"downloading {url} -> {path}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read()
+    except (OSError, http.client.HTTPException) as e:
+        raise DataError(f"could not download {name} from {url} ({e}): fetch it elsewhere and put it in {folder}") \
+            from None
+    if git_blob_id(data) != SPLIT_BLOB_IDS[name]:
+        raise DataError(f"{url} is not the pinned {name} (git blob id {git_blob_id(data)}, expected "
+                        f"{SPLIT_BLOB_IDS[name]}): nothing written; fetch it elsewhere and put it in {folder}")
+    os.makedirs(folder, exist_ok=True)
+    partial = f"{path}.{os.getpid()}-{os.urandom(4).hex()}.part"  # unique: concurrent runs never share it
+    with open(partial, "xb") as f:
+        f.write(data)
+    os.replace(partial, path)
+
+
 def download_with_torchvision(d, tv_class, sub_folder, log):
     """Fetch with torchvision.datasets.<tv_class> into d, then move its files from d/sub_folder up to CoOp's place."""
     log(f"downloading with torchvision.datasets.{tv_class} into {d}")
@@ -333,19 +375,21 @@ def read_coop_dataset(name, root, download, log):
     image_dir = os.path.join(d, spec["images"])
     if download and "tv" in spec and not os.path.isdir(image_dir):
         download_with_torchvision(d, *spec["tv"], log)
+    split = os.path.join(d, spec["split"]) if "split" in spec else None
+    if download and split and not os.path.isfile(split):
+        download_split(split, log)
     if not os.path.isdir(image_dir):
         how = " or pass --download" if "tv" in spec else ""
         raise DataError(f"{name}: {image_dir} not found: get {spec['get']}{how} (layouts: {COOP_DATASETS_MD})")
-    split = os.path.join(d, spec["split"]) if "split" in spec else None
     if split and os.path.isfile(split):
         train, val, test = read_split_json(split, image_dir)
     elif split and spec["read"] is None:
-        raise DataError(f"{split} not found: get it from CoOp's DATASETS.md ({COOP_DATASETS_MD}); "
-                        f"{name}'s raw labels are .mat files, which data.py does not read")
+        raise DataError(f"{split} not found: pass --download to fetch it ({SPLITS_URL}); {name}'s raw labels are "
+                        f".mat files, which data.py does not read")
     else:
         if split:
             log(f"warning: {split} not found: splitting the raw files as CoOp does (seed {RAW_SPLIT_SEED}); results "
-                f"are NOT comparable with published numbers (the split file is linked in {COOP_DATASETS_MD})")
+                f"are NOT comparable with published numbers (pass --download to fetch the split file)")
         train, val, test = spec["read"](d, image_dir, random.Random(RAW_SPLIT_SEED))
     return train, val, test
 
@@ -566,7 +610,8 @@ def main():
     parser.add_argument("--seed", type=int, default=1, help="few-shot sampling seed (the papers average seeds 1, 2, 3)")
     parser.add_argument("--subsample", default="all", help="all, or base / new: first / second half of the classes")
     parser.add_argument("--n-px", type=int, default=224, help="model input resolution shown in the transforms")
-    parser.add_argument("--download", action="store_true", help="fetch the dataset with torchvision where it can")
+    parser.add_argument("--download", action="store_true",
+                        help="fetch the dataset with torchvision where it can, and CoOp's split file")
     parser.add_argument("--list-fewshot", action="store_true",
                         help="print the training images in order, one 'relative/path label' a line")
     args = parser.parse_args()
@@ -585,7 +630,8 @@ def main():
             print(os.path.relpath(path, base), label)
         return
     print(f"classes: {', '.join(data.classnames[:10])}{', ...' if len(data.classnames) > 10 else ''}")
-    print(f"train transform: {train_transform(args.n_px)}\ntest transform: {test_transform(args.n_px)}")
+    print(f"train transform: {transform_key(train_transform(args.n_px))}\n"
+          f"test transform: {transform_key(test_transform(args.n_px))}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

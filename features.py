@@ -20,7 +20,7 @@ import shutil
 
 import torch
 
-import clip_model
+import clip_weights
 import data
 from runs import locked, progress, save_atomic, temporary_name
 
@@ -29,18 +29,10 @@ BANK_BUDGET = 100 * 2 ** 30  # bytes one feature bank may take (and never more t
 UNWRITABLE = set()  # folders of stores found unwritable in this process (said once each)
 
 
-def backbone_sha256(backbone):
-    """The weights' SHA256, hashed again whenever the file changes (its size, modification time or inode)."""
-    if backbone in clip_model.available_models():  # in its URL, and the download is checked against it
-        return clip_model.weights_sha256(backbone)
-    st = os.stat(backbone)
-    return file_sha256(os.path.abspath(backbone), st.st_size, st.st_mtime_ns, st.st_ino)
-
-
-@functools.lru_cache(maxsize=16)
-def file_sha256(path, *stamp):
-    """The file's SHA256, remembered per (path, stamp): a changed file is hashed again."""
-    return clip_model.weights_sha256(path)
+def backbone_weights(backbone):
+    """The file clip_model.load(backbone) reads (clip_weights.find): its source and SHA256 key the features and go
+    into results rows; the SHA256 is computed again whenever the file changes (clip_weights.sha256_of)."""
+    return clip_weights.find(backbone)
 
 
 def images_stamp(items):
@@ -127,7 +119,7 @@ def encode_all(clip, loader, device, autocast, what):
 
 def image_features(clip, items, transform, *, backbone, output_dir, workers, device, autocast):
     """(N, E) features of the images `items` under a deterministic transform, cached in OUTPUT/feature_cache/."""
-    key = features_key(backbone_sha256(backbone), data.transform_key(transform), items, images_stamp(items),
+    key = features_key(backbone_weights(backbone).sha256, data.transform_key(transform), items, images_stamp(items),
                        str(feature_dtype(autocast)), device)
     path = os.path.join(output_dir, "feature_cache", f"{key}.pt")
     shape, dtype = (len(items), clip.visual.output_dim), feature_dtype(autocast)
@@ -150,7 +142,8 @@ class FeatureBank:
         transform = data.train_transform(clip.visual.input_resolution)
         self.make_loader = functools.partial(data.make_loader, items, transform, 256, train=False, seed=seed,
                                              workers=workers)
-        key = features_key(backbone_sha256(backbone), data.transform_key(transform), items, images_stamp(items), seed,
+        key = features_key(backbone_weights(backbone).sha256, data.transform_key(transform), items, images_stamp(items),
+                           seed,
                            str(feature_dtype(autocast)), device)
         self.dir = os.path.join(output_dir, "feature_bank", key)
         self.shape, self.dtype = (len(items), clip.visual.output_dim), feature_dtype(autocast)

@@ -110,9 +110,10 @@ def resolve(args):
         if getattr(args, key) is not None and not reads(args.method, key, args.prompt):
             raise RunError(f"{option(key)} is not used by {args.method} (only by {', '.join(methods)}): drop it")
     args.backbone = args.backbone or "ViT-B/16"
-    if args.backbone not in clip_model.available_models() and not os.path.isfile(args.backbone):
-        raise RunError(f"unknown --backbone {args.backbone!r}: use one of {', '.join(clip_model.available_models())} "
-                       "or the path of a checkpoint file")
+    if args.backbone not in clip_model.available_models() and not args.backbone.startswith("hf-hub:") \
+            and not os.path.exists(args.backbone):
+        raise RunError(f"unknown --backbone {args.backbone!r}: use one of {', '.join(clip_model.available_models())}, "
+                       "hf-hub:ORG/NAME, a folder or the path of a checkpoint file")
     uses = lambda key: reads(args.method, key, args.prompt)
     if uses("shots"):
         args.shots = 16 if args.shots is None else args.shots
@@ -239,7 +240,8 @@ def run_dir(args, settings):
         dataset = "folder_" + os.path.basename(dataset.rstrip("/"))
     backbone = settings["backbone"]
     backbone = backbone.replace("/", "-") if backbone in clip_model.available_models() else \
-        os.path.splitext(os.path.basename(backbone))[0]
+        backbone.replace(":", "_").replace("/", "_") if backbone.startswith("hf-hub:") else \
+        os.path.splitext(os.path.basename(backbone.rstrip("/")))[0]
     subset = "_".join(p for p in [settings["shots"] and f"s{settings['shots']}",
                                   settings["seed"] and f"seed{settings['seed']}", settings["subsample"]] if p)
     return os.path.join(args.output_dir, dataset, settings["method"], backbone, subset, run_id(settings))

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import clip_model
 import data
-from features import FeatureBank, image_features
+from features import FeatureBank, backbone_weights, image_features
 from linear_ft import LinearFT, LinearProbe, fit_linear_probe
 from runs import (METHODS, PROMPTS, RANDOM_PROMPTS, TRAINED, Interrupted, RunError, append_rows, checkpoint_of,
                   describe, diverged, git_commit, hold_run, load_checkpoint, load_data, load_trainable, progress, reads,
@@ -45,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
     p.add_argument("--dataset", required=True, help="CoOp dataset name (e.g. dtd, imagenet) or folder:/path")
     p.add_argument("--root", default=os.environ.get("DATA", "DATA"), help="folder holding the datasets ($DATA)")
-    p.add_argument("--download", action="store_true", help="download the dataset with torchvision where possible")
+    p.add_argument("--download", action="store_true", help="fetch a missing dataset (torchvision) and split file")
     p.add_argument("--shots", type=int, help="training images per class (CoOp: 1, 2, 4, 8, 16; default 16)")
     p.add_argument("--seed", type=int, help="seed of the few-shot subset, initialisation, order and augmentation "
                                             "(the papers average 1, 2, 3; default 1)")
@@ -56,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, help="SGD learning rate (default 0.002: CoOp, UPT App. B)")
     p.add_argument("--batch-size", type=int, help="default 32 (CoCoOp: 1)")
     p.add_argument("--precision", default="amp", choices=["amp", "fp32"], help="amp: bf16 (or fp16 + GradScaler) on CUDA")
-    p.add_argument("--workers", type=int, default=4, help="data loading processes (results do not depend on it)")
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # as torch counts
+    p.add_argument("--workers", type=int, default=min(4, cpus), help="data loading processes (at most the CPUs)")
     p.add_argument("--output-dir", default="output", help="runs go to OUTPUT/<dataset>/<method>/...; results.jsonl here")
     p.add_argument("--resume", action="store_true", help="continue this run's last checkpoint (same settings)")
     p.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on --dataset/--subsample; no training")
@@ -290,7 +291,7 @@ def train_and_evaluate(args, settings, commit, ds, targets, compute):
         train_from = train(model, ds, args, settings, compute)
     train_seconds, trained, trained_state = time.time() - start, model, trainable_state(model)
 
-    rows = []
+    rows, weights = [], backbone_weights(args.backbone)
     for (name, subsample), target in targets:
         model = others.get((name, subsample), trained)
         if model is not trained:  # other classes: the trained state restricted to them (never another target's)
@@ -299,7 +300,8 @@ def train_and_evaluate(args, settings, commit, ds, targets, compute):
         t0 = time.time()
         accuracy, macro_f1 = evaluate(model, target.test, len(target.classnames), args, compute)
         print(f"test {name} ({subsample}): accuracy {accuracy:.2f}% | macro-F1 {macro_f1:.2f}% | {len(target.test)} images")
-        row = {"run_id": run_id(settings), **settings, "train_dataset": settings["dataset"],
+        row = {"run_id": run_id(settings), **settings, "weights": weights.source, "weights_sha256": weights.sha256,
+               "train_dataset": settings["dataset"],
                "train_subsample": settings["subsample"], "dataset": name, "subsample": subsample,
                "accuracy": round(accuracy, 4), "macro_f1": round(macro_f1, 4), "test_images": len(target.test),
                "eval_only": args.eval_only, "checkpoint": args.checkpoint, "train_from": train_from,
@@ -322,7 +324,8 @@ def run(args):
     compute = setup_precision(args.precision, "cuda" if torch.cuda.is_available() else "cpu")
     settings = args.trained if args.eval_only else settings_of(args)
     directory, commit = run_dir(args, settings), git_commit()
-    print(f"torch {torch.__version__} | device {compute.device} | precision {compute.precision} | git {commit}")
+    asked = "" if args.precision in compute.precision else f" (--precision {args.precision}: autocast runs on CUDA only)"
+    print(f"torch {torch.__version__} | device {compute.device} | precision {compute.precision}{asked} | git {commit}")
     print(f"run {run_id(settings)} in {directory}\nsettings: {json.dumps(settings)}")
     if args.epochs == 1 and not args.eval_only:
         print("note: --epochs 1 trains only Dassl's warm-up epoch, at lr 1e-5; the cosine schedule starts at epoch 2")

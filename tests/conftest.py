@@ -15,6 +15,16 @@ import clip_model  # noqa: E402
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def no_hugging_face_hub(tmp_path_factory, monkeypatch):
+    """No test reads the user's Hugging Face cache or reaches the hub: an empty cache, and an endpoint that refuses."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens, connection refused
+
+
 def make_tiny_clip(kind="vit", seed=0):
     """A CLIP with OpenAI's layout at toy size: text width 64 (1 head, 2 layers), real 49,408-token vocabulary and
     77-token context; ViT 32 px / patch 8 / width 64 / 3 layers, or ResNet width 8 / (1, 1, 1, 1) at 64 px."""

@@ -17,6 +17,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 import clip_model
+import clip_weights
 from clip_model import CLIPError
 from conftest import make_tiny_clip, save_state_dict, save_torchscript
 
@@ -639,10 +640,10 @@ def test_download_saves_the_verified_file_once(tmp_path, monkeypatch):
     fake = FakeUrlopen(payload)
     monkeypatch.setattr(urllib.request, "urlopen", fake)
     root = tmp_path / "cache" / "clip"  # created on demand
-    path = clip_model.download(url_for(payload), str(root))
+    path = clip_weights.download(url_for(payload), str(root))
     assert path == str(root / "tiny.pt") and (root / "tiny.pt").read_bytes() == payload
     assert fake.urls == [url_for(payload)] and leftovers(root) == ["tiny.pt"]
-    assert clip_model.download(url_for(payload), str(root)) == path
+    assert clip_weights.download(url_for(payload), str(root)) == path
     assert len(fake.urls) == 1  # the cached, verified file is not downloaded again
 
 
@@ -651,7 +652,7 @@ def test_download_replaces_a_corrupt_cached_file(tmp_path, monkeypatch):
     (tmp_path / "tiny.pt").write_bytes(payload[:1000])
     fake = FakeUrlopen(payload)
     monkeypatch.setattr(urllib.request, "urlopen", fake)
-    assert clip_model.download(url_for(payload), str(tmp_path)) == str(tmp_path / "tiny.pt")
+    assert clip_weights.download(url_for(payload), str(tmp_path)) == str(tmp_path / "tiny.pt")
     assert len(fake.urls) == 1 and (tmp_path / "tiny.pt").read_bytes() == payload
 
 
@@ -661,7 +662,7 @@ def test_download_of_bad_bytes_raises_and_leaves_no_file(tmp_path, monkeypatch, 
     monkeypatch.setattr(urllib.request, "urlopen",
                         FakeUrlopen({"truncated": payload[:1500], "wrong": os.urandom(3000), "empty": b""}[served]))
     with pytest.raises(CLIPError, match="incomplete or corrupt") as excinfo:
-        clip_model.download(url_for(payload), str(tmp_path))
+        clip_weights.download(url_for(payload), str(tmp_path))
     assert_one_line(excinfo)
     assert leftovers(tmp_path) == []  # neither tiny.pt nor tiny.pt.part
 
@@ -670,7 +671,7 @@ def test_download_offline_tells_what_to_do(tmp_path, monkeypatch):
     payload = os.urandom(100)
     monkeypatch.setattr(urllib.request, "urlopen", FakeUrlopen(error=OSError("Network is unreachable")))
     with pytest.raises(CLIPError) as excinfo:
-        clip_model.download(url_for(payload), str(tmp_path))
+        clip_weights.download(url_for(payload), str(tmp_path))
     message = str(excinfo.value)
     assert "Network is unreachable" in message and str(tmp_path / "tiny.pt") in message  # where to copy the file
     assert "path" in message  # or pass a checkpoint path instead of the name
@@ -684,7 +685,7 @@ def test_download_failing_mid_stream_raises_and_leaves_no_part_file(tmp_path, mo
     payload = os.urandom(3000)
     monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: BrokenStream(payload, error))
     with pytest.raises(CLIPError):
-        clip_model.download(url_for(payload), str(tmp_path))
+        clip_weights.download(url_for(payload), str(tmp_path))
     assert leftovers(tmp_path) == []
 
 
