@@ -41,7 +41,8 @@ NAMES = {"imagenet": "ImageNet", "caltech101": "Caltech101", "oxford_pets": "Oxf
 SHIFTS = ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]  # ImageNet's domain-shifted test sets
 SHOTS, SEEDS = [1, 2, 4, 8, 16], [1, 2, 3]
 BACKBONES = {"RN50": "ResNet-50", "RN101": "ResNet-101", "ViT-B/32": "ViT-B/32", "ViT-B/16": "ViT-B/16"}
-METRICS = {"accuracy": lambda row: row["accuracy"], "minutes": lambda row: row["train_seconds"] / 60,
+METRICS = {"accuracy": lambda row: row["accuracy"],
+           "minutes": lambda row: None if row["train_seconds"] is None else row["train_seconds"] / 60,
            "var_v": lambda row: row["var_v"], "var_t": lambda row: row["var_t"]}
 
 
@@ -713,7 +714,7 @@ def compute(recipe, cells, results):
         for column, key, metric in zip(entry["columns"], keys, entry["metric"]):
             cell = (entry["table"], entry["row"], column)
             wanted.setdefault(cell, {}).setdefault(entry["choice"], set()).add(entry["sample"])
-            if key in results:
+            if key in results and METRICS[metric](results[key]) is not None:  # None: not recorded, a missing cell
                 found.setdefault(cell, {}).setdefault(entry["choice"], {})[entry["sample"]] = \
                     METRICS[metric](results[key])
     out, missing = {}, []

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 import clip_model
 import data
 import figures
+import runs
 import train
 from coop import CoOp
 from linear_ft import LinearFT
@@ -36,11 +37,11 @@ UPT_TEMPLATE = "a photo of a {}."  # UPT App. B: zero-shot CLIP's template
 
 def load_trained(path, device):
     """A train.py checkpoint -> (its model with the trained parameters, its settings and classnames)."""
-    checkpoint = train.load_checkpoint(path)
+    checkpoint = runs.load_checkpoint(path)
     args = argparse.Namespace(**checkpoint["args"], classnames=checkpoint["classnames"])
     clip, _ = clip_model.load(args.backbone, device)
     model = train.build_method(args, clip, checkpoint["classnames"]).to(device)
-    train.load_trainable(model, checkpoint["model"], path)
+    runs.load_trainable(model, checkpoint["model"], path)
     return model.eval(), args
 
 
@@ -53,7 +54,7 @@ def visual_prompts(model):
         return model.prompts, model.after_ln_pre
     if isinstance(model, UPT):
         return model.prompt_pair()[1], False
-    raise train.RunError(f"{type(model).__name__} has no visual prompts: pass vpt_* or upt* checkpoints")
+    raise runs.RunError(f"{type(model).__name__} has no visual prompts: pass vpt_* or upt* checkpoints")
 
 
 def prompt_attention(clip, images, prompts, after_ln_pre, blocks):
@@ -95,16 +96,16 @@ def attention_figure(checkpoints, image_paths, out, last=1, device="cpu"):
               for (_, args), p in zip(models, checkpoints)]
     resolution = models[0][0].clip.visual.input_resolution
     if any(m.clip.visual.input_resolution != resolution for m, _ in models):
-        raise train.RunError("the checkpoints use backbones of different input sizes: compare models of one backbone")
+        raise runs.RunError("the checkpoints use backbones of different input sizes: compare models of one backbone")
     try:
         originals = [Image.open(p).convert("RGB") for p in image_paths]
     except OSError as e:
-        raise train.RunError(f"cannot read image {e.filename or e}: pass image files (JPEG, PNG)") from None
+        raise runs.RunError(f"cannot read image {e.filename or e}: pass image files (JPEG, PNG)") from None
     transform, shown = data.test_transform(resolution), [crop(image, resolution) for image in originals]
     images = torch.stack([transform(image) for image in originals]).to(device)  # (B, 3, H, W)
     layers = models[0][0].clip.visual.transformer.layers
     if last > layers:
-        raise train.RunError(f"--last {last}: the ViT has {layers} blocks")
+        raise runs.RunError(f"--last {last}: the ViT has {layers} blocks")
     blocks = list(range(layers - last, layers))
     maps = [prompt_attention(m.clip, images, *visual_prompts(m), blocks) for m, _ in models]  # per model {block: ...}
     os.makedirs(out, exist_ok=True)
@@ -167,7 +168,7 @@ def features_and_classifier(model, images):
             z, w = clip.encode_image(images), getattr(model, "text_features", None)
             w = model.weight if w is None else w
         else:
-            raise train.RunError(f"{type(model).__name__} has no class-wise classifier in CLIP's space (CoCoOp's "
+            raise runs.RunError(f"{type(model).__name__} has no class-wise classifier in CLIP's space (CoCoOp's "
                                  "depends on the image, the linear probe's is not): pass zeroshot, coop, vpt_*, upt* "
                                  "or linear_ft checkpoints")
     return F.normalize(z.float(), dim=-1), F.normalize(w.float(), dim=-1)
@@ -231,7 +232,7 @@ def sphere_figure(dataset, root, checkpoints, out, per_class=20, backbone=None, 
     ds = data.load_dataset(dataset, root, check_splits=("test",))
     for model, args in trained:
         if list(args.classnames) != list(ds.classnames) or args.backbone != backbone:
-            raise train.RunError(f"a checkpoint of {args.dataset} ({args.backbone}) does not fit {dataset} "
+            raise runs.RunError(f"a checkpoint of {args.dataset} ({args.backbone}) does not fit {dataset} "
                                  f"({backbone}): pass checkpoints trained on --dataset's classes with one backbone")
     g = torch.Generator().manual_seed(seed)
     by_class = {}
@@ -282,17 +283,17 @@ def main(argv=None):
     try:
         if args.figure == "attention":
             if args.last < 1:
-                raise train.RunError(f"--last must be 1 or more (got {args.last})")
+                raise runs.RunError(f"--last must be 1 or more (got {args.last})")
             for path, mass in attention_figure(args.checkpoint, args.images, args.out, args.last, device).items():
                 print(f"wrote {path} | prompt attention on the patches: "
                       + ", ".join(f"{k} {v:.3f}" for k, v in mass.items()))
         else:
             if args.per_class < 1:
-                raise train.RunError(f"--per-class must be 1 or more (got {args.per_class})")
+                raise runs.RunError(f"--per-class must be 1 or more (got {args.per_class})")
             for path in sphere_figure(args.dataset, args.root, args.checkpoint, args.out, args.per_class,
                                       args.backbone, device=device, workers=args.workers):
                 print(f"wrote {path}")
-    except (train.RunError, data.DataError, clip_model.CLIPError) as e:
+    except (runs.RunError, data.DataError, clip_model.CLIPError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
