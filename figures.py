@@ -24,11 +24,12 @@ PER_ROW = 4  # panels per row
 # Figure specs (built by reproduce.py's recipes)
 
 def curves(name, title, x_tables, rows, panels, *, xlabel="training examples per class (shots)",
-           ylabel="accuracy (%)", published=None, note=""):
+           ylabel="accuracy (%)", published=None, note="", limits=(0, 100)):
     """Accuracy vs shots, one line per row, one panel per column of the tables. x_tables: {x: table name} (one table per
-    shot count); published: {(row, panel, x): value} drawn hollow beside the measured points."""
+    shot count); published: {(row, panel, x): value} drawn hollow beside the measured points; limits: the y axis never
+    goes past them (a ±std band is cut there)."""
     return dict(kind="curves", name=name, title=title, x_tables=dict(x_tables), rows=list(rows), panels=list(panels),
-                xlabel=xlabel, ylabel=ylabel, published=published or {}, note=note)
+                xlabel=xlabel, ylabel=ylabel, published=published or {}, note=note, limits=limits)
 
 
 def tradeoff(name, title, tables, rows, *, lines=None, x="Base", y="New", note=""):
@@ -69,7 +70,7 @@ def panels_of(figure, cells, published):
                          if (row, column, x) in figure["published"]]
                 series.append(dict(name=row, line=True, points=points, paper=paper))
             out.append(dict(title=column, xlabel=figure["xlabel"], ylabel=figure["ylabel"], log2=True,
-                            xticks=xs, series=series))
+                            xticks=xs, series=series, limits=figure["limits"]))
     elif kind == "tradeoff":
         in_line = {r for rows in figure["lines"].values() for r in rows}
         groups = [(r, [r]) for r in figure["rows"] if r not in in_line] + list(figure["lines"].items())
@@ -147,7 +148,9 @@ def draw_panel(svg, x0, y0, panel, colours, typical_runs):
     if not ys:
         el(g, "text", "no data yet", x=LEFT + w / 2, y=TOP + h / 2, text_anchor="middle", fill="#888")
         return
-    yticks = nice_ticks(min(ys), max(ys))
+    lo, hi = panel.get("limits") or (-math.inf, math.inf)
+    yticks = nice_ticks(max(min(ys), lo), min(max(ys), hi))
+    clip = lambda y: min(max(y, yticks[0]), yticks[-1])  # noqa: E731  (a band cut at the axis' end)
     if panel["log2"]:
         xticks, fx = panel["xticks"], math.log2
     else:
@@ -175,8 +178,8 @@ def draw_panel(svg, x0, y0, panel, colours, typical_runs):
             for run in segments(points, panel["xticks"]):
                 band = [p for p in run if p["std"] is not None] if panel["log2"] else []
                 if len(band) > 1:
-                    outline = [(sx(p["x"]), sy(p["y"] + p["std"])) for p in band] + \
-                              [(sx(p["x"]), sy(p["y"] - p["std"])) for p in reversed(band)]
+                    outline = [(sx(p["x"]), sy(clip(p["y"] + p["std"]))) for p in band] + \
+                              [(sx(p["x"]), sy(clip(p["y"] - p["std"]))) for p in reversed(band)]
                     el(g, "polygon", points=" ".join(f"{a:.2f},{b:.2f}" for a, b in outline), fill=colour,
                        fill_opacity="0.15", stroke="none", **{"class": "band", "data-series": s["name"]})
                 if len(run) > 1:

@@ -153,3 +153,16 @@ def test_nice_ticks_cover_the_range_with_round_steps():
         steps = {round(b - a, 9) for a, b in zip(ticks, ticks[1:])}
         assert ticks[0] <= lo and ticks[-1] >= hi and len(steps) == 1 and 3 <= len(ticks) <= 8
         assert f"{steps.pop():.0e}"[0] in "125"
+
+
+def test_accuracy_axes_stop_at_100_and_cut_the_band_there():
+    figure = figures.curves("f", "t", {1: "1 shots", 2: "2 shots"}, ["A"], ["D"])
+    cell = lambda mean, std: dict(mean=mean, std=std, n=3, complete=True)  # noqa: E731
+    svg = ET.fromstring(ET.tostring(figures.render(figure, {"1 shots": {("A", "D"): cell(97.0, 6.0)},
+                                                           "2 shots": {("A", "D"): cell(99.0, 4.0)}}, {})))
+    panel = panels(svg)["D"]
+    assert max(float(t.get("data-value")) for t in panel.iter(f"{SVG}line") if t.get("class") == "ytick") == 100
+    to_y = axis(panel, "y")
+    [band] = [p for p in panel.iter(f"{SVG}polygon") if p.get("class") == "band"]
+    ys = [to_y(float(xy.split(",")[1])) for xy in band.get("points").split()]
+    assert max(ys) == pytest.approx(100, abs=0.02) and min(ys) == pytest.approx(91, abs=0.02)
