@@ -373,12 +373,13 @@ def test_linear_probe_searches_c_on_the_validation_split(vit):
 
 def test_linear_probe_without_val_holds_out_training_shots(vit):
     (features, labels), empty = separable_features(6, 1), (torch.zeros(0, 16), torch.zeros(0, dtype=torch.long))
-    probe = fit_linear_probe(vit, features, labels, *empty, max_iter=20, seed=3)
+    search = dict(costs=(1e-2, 1.0, 1e2), steps=2)  # a short search: the protocol, not its length, is under test
+    probe = fit_linear_probe(vit, features, labels, *empty, max_iter=20, seed=3, **search)
     assert "3 of 6 training shots per class held out" in probe.cost_search and probe.val_accuracy is not None
     kept, held = linear_ft.holdout(labels, 3, torch.Generator().manual_seed(3))
     x = torch.nn.functional.normalize(features, dim=-1)
     cost, accuracy, _, _ = linear_ft.search_cost(linear_ft.validated(x[kept], labels[kept], x[held], labels[held], 3,
-                                                                     20))
+                                                                     20), **search)
     assert (probe.cost, probe.val_accuracy) == (cost, accuracy)
     weight, bias = linear_ft.fit_logistic(x, labels, 3, cost, 20)  # refitted on every shot
     assert torch.equal(probe.weight, weight) and torch.equal(probe.bias, bias)
