@@ -54,7 +54,7 @@ def point(x, y, cell, runs, **extra):
 
 def panels_of(figure, cells, published):
     """-> [panel]: dict(title, xlabel, ylabel, log2, xticks, series=[dict(name, line, points, paper)]).
-    cells: {table: {(row, column): cell or None}} as reproduce.compute; published: {table: {(row, column): value}}."""
+    cells: {table: {(row, column): cell or None}} as reproduce.compute; published: {table: {(row, column): number}}."""
     kind, out = figure["kind"], []
     if kind == "curves":
         xs = sorted(figure["x_tables"])
@@ -66,7 +66,7 @@ def panels_of(figure, cells, published):
                     cell = cells[figure["x_tables"][x]].get((row, column))
                     if cell is not None:
                         points.append(point(x, cell["mean"], cell, cell["n"]))
-                paper = [dict(x=x, y=paper_mean(figure["published"][row, column, x])) for x in xs
+                paper = [dict(x=x, y=figure["published"][row, column, x]) for x in xs
                          if (row, column, x) in figure["published"]]
                 series.append(dict(name=row, line=True, points=points, paper=paper))
             out.append(dict(title=column, xlabel=figure["xlabel"], ylabel=figure["ylabel"], log2=True,
@@ -85,7 +85,7 @@ def panels_of(figure, cells, published):
                                             xstd=cx.get("std")))
                     px, py = published[t].get((r, figure["x"])), published[t].get((r, figure["y"]))
                     if px is not None and py is not None:
-                        paper.append(dict(x=paper_mean(px), y=paper_mean(py)))
+                        paper.append(dict(x=px, y=py))
                 series.append(dict(name=name, line=len(rows) > 1, points=points, paper=paper))
             out.append(dict(title=t, xlabel=f"{figure['x']} accuracy (%)", ylabel=f"{figure['y']} accuracy (%)",
                             log2=False, xticks=None, series=series))
@@ -102,10 +102,6 @@ def panels_of(figure, cells, published):
     else:
         raise ValueError(f"unknown figure kind {kind!r}: use curves, tradeoff or scatter")
     return out
-
-
-def paper_mean(value):
-    return value[0] if isinstance(value, tuple) else value
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -63,9 +63,9 @@ class LinearProbe(nn.Module):
 
 
 def fit_logistic(x, y, num_classes, cost, max_iter):
-    """Multinomial logistic regression from zero: minimise mean CE + ||W||² / (2·C·N) (bias not penalised; scikit-learn's
-    LogisticRegression objective that CLIP and CoOp use, divided by N as scikit-learn >= 1.2 does) in fp32 with
-    full-batch L-BFGS (strong Wolfe), stopping as scikit-learn at max |gradient| <= 1e-4 or max_iter.
+    """Multinomial logistic regression from zero: minimise mean CE + ||W||² / (2·C·N) (bias not penalised;
+    scikit-learn's LogisticRegression objective that CLIP and CoOp use, divided by N as scikit-learn >= 1.2 does) in
+    fp32 with full-batch L-BFGS (strong Wolfe), stopping as scikit-learn at max |gradient| <= 1e-4 or max_iter.
     x (N, E) normalised, y (N,) -> weight (K, E), bias (K,)."""
     weight = torch.zeros(num_classes, x.shape[1], device=x.device, requires_grad=True)  # (K, E)
     bias = torch.zeros(num_classes, device=x.device, requires_grad=True)  # (K,)

@@ -821,7 +821,8 @@ def report(name, recipe, cells, results, csv_path=None, limit=20, plot_dir=None)
 
 def write_figures(directory, recipe, tables):
     """Each figure of the recipe as DIRECTORY/<figure name>.svg (figures.py); -> the paths written."""
-    published, paths = {spec["name"]: spec["published"] for spec in recipe["tables"]}, []
+    published = {t["name"]: {k: published_mean(v) for k, v in t["published"].items()} for t in recipe["tables"]}
+    paths = []
     try:
         os.makedirs(directory, exist_ok=True)
         for figure in recipe["figures"]:
