@@ -441,10 +441,12 @@ def trainable_state(model):
     return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def checkpoint_of(model, args, ds, settings, epoch, optimizer=None, scaler=None):
-    """What checkpoint.pt holds after `epoch` epochs (the optimizer and scaler where training goes on)."""
+def checkpoint_of(model, args, ds, settings, epoch, optimizer=None, scaler=None, *, train_seconds=None, fit=None):
+    """What checkpoint.pt holds after `epoch` epochs (the optimizer and scaler where training goes on): train_seconds
+    spent so far, over every session (a resumed run reports the total); fit: what a fitted model chose (the linear
+    probe's C), carried into the rows of --eval-only."""
     state = dict(model=trainable_state(model), epoch=epoch, args=vars(args), classnames=ds.classnames,
-                 class_ids=ds.class_ids, run_id=run_id(settings))
+                 class_ids=ds.class_ids, run_id=run_id(settings), train_seconds=train_seconds, fit=fit or {})
     if optimizer is not None:
         state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
     return state
@@ -521,17 +523,21 @@ def load_trainable(model, state, path):
 
 
 def resume(path, args, settings, model, optimizer, scaler):
-    """With --resume, this run's checkpoint loaded into the model, optimizer and scaler; -> the epoch to start from."""
+    """With --resume, this run's checkpoint loaded into the model, optimizer and scaler; -> the epoch to start from
+    and the training seconds spent before it (None from a checkpoint that predates time-keeping)."""
     if not args.resume:
         if os.path.isfile(path):
             print(f"note: starting afresh over {path} (pass --resume to continue it instead)")
-        return 0
+        return 0, 0.0
     state = resume_from(path, args, settings)
     load_trainable(model, state["model"], path)
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
-    print(f"resumed from {path} at epoch {state['epoch']} of {args.epochs}")
-    return state["epoch"]
+    seconds = state.get("train_seconds")
+    print(f"resumed from {path} at epoch {state['epoch']} of {args.epochs}, after "
+          + ("an unrecorded training time (train_seconds will count this session only)" if seconds is None else
+             f"{seconds:.1f} s of training"))
+    return state["epoch"], seconds
 
 
 # ----------------------------------------------------------------------------------------------------------------------

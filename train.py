@@ -178,12 +178,12 @@ def training_batches(model, ds, args, compute):
 
 
 def train(model, ds, args, settings, compute):
-    """SGD on the method's parameters, a checkpoint after every epoch; -> what it trained from."""
+    """SGD on the method's parameters, a checkpoint after every epoch; -> what it trained from, earlier sessions' seconds."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=5e-4)
     device, autocast, scaler = compute.device, compute.autocast, compute.scaler
     path, accuracy = os.path.join(run_dir(args, settings), "checkpoint.pt"), None
-    start_epoch = resume(path, args, settings, model, optimizer, scaler)
+    start, (start_epoch, earlier) = time.time(), resume(path, args, settings, model, optimizer, scaler)
     batches, n_batches, forward, train_from = training_batches(model, ds, args, compute)
     forward = torch.compile(forward) if args.compile else forward  # compiled at the first step (slow)
     chance = 100 / len(ds.classnames)
@@ -212,12 +212,13 @@ def train(model, ds, args, settings, compute):
         memory = f" | mem {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device == "cuda" else ""
         print(f"epoch {epoch + 1}/{args.epochs} | loss {loss:.4f} | acc {accuracy:.2f}% | lr {lr_at(epoch, args):.2e} | "
               f"{seconds:.1f}s | eta {seconds * (args.epochs - epoch - 1) / 60:.1f} min{memory}", flush=True)
-        save_atomic(checkpoint_of(model, args, ds, settings, epoch + 1, optimizer, scaler), path)
+        spent = None if earlier is None else earlier + time.time() - start  # every session's, for Rethinking Table 3
+        save_atomic(checkpoint_of(model, args, ds, settings, epoch + 1, optimizer, scaler, train_seconds=spent), path)
     if isinstance(train_from, FeatureBank):
         print(f"feature bank {train_from.dir}: {train_from.reused} epochs reused, {train_from.built} built")
     if accuracy is not None and args.epochs > 1 and accuracy < 1.5 * chance:
         print(f"warning: train accuracy {accuracy:.1f}% is near chance ({chance:.1f}%): the run may have collapsed")
-    return "feature bank" if isinstance(train_from, FeatureBank) else train_from
+    return "feature bank" if isinstance(train_from, FeatureBank) else train_from, earlier
 
 
 def cached_features(clip, items, transform, args, compute):
@@ -232,8 +233,9 @@ def train_linear_probe(clip, ds, args, compute):
     features = lambda items: cached_features(clip, items, transform, args, compute)
     labels = lambda items: torch.tensor([label for _, label in items], dtype=torch.long)
     probe = fit_linear_probe(clip, features(ds.train), labels(ds.train), features(ds.val), labels(ds.val),
-                             num_classes=len(ds.classnames))
-    print(f"linear probe: C = {probe.cost} (validation accuracy {probe.val_accuracy})")
+                             num_classes=len(ds.classnames), seed=args.seed)
+    accuracy = "" if probe.val_accuracy is None else f", validation accuracy {100 * probe.val_accuracy:.2f}%"
+    print(f"linear probe: C = {probe.cost:.6g}, chosen by {probe.cost_search}{accuracy}")
     return probe.to(compute.device)
 
 
@@ -281,15 +283,20 @@ def train_and_evaluate(args, settings, commit, ds, targets, compute):
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.method}: {n_trainable:,} trainable parameters "
           f"({100 * n_trainable / sum(p.numel() for p in clip.parameters()):.4f}% of CLIP) | {len(classnames)} classes")
-    start, train_from = time.time(), None
+    start, train_from, earlier, fit = time.time(), None, 0.0, {}
     if args.eval_only:
         load_trainable(model, checkpoint["model"], args.checkpoint)
+        fit = checkpoint.get("fit") or {}
     elif args.method == "linear_probe":
         model = train_linear_probe(clip, ds, args, compute)
-        save_atomic(checkpoint_of(model, args, ds, settings, 0), os.path.join(run_dir(args, settings), "checkpoint.pt"))
+        fit = dict(linear_probe_c=model.cost, linear_probe_c_search=model.cost_search,
+                   linear_probe_val_accuracy=model.val_accuracy)
+        save_atomic(checkpoint_of(model, args, ds, settings, 0, train_seconds=time.time() - start, fit=fit),
+                    os.path.join(run_dir(args, settings), "checkpoint.pt"))
     elif n_trainable:
-        train_from = train(model, ds, args, settings, compute)
-    train_seconds, trained, trained_state = time.time() - start, model, trainable_state(model)
+        train_from, earlier = train(model, ds, args, settings, compute)
+    train_seconds = None if earlier is None else round(earlier + time.time() - start, 1)  # resumed: every session's
+    trained, trained_state = model, trainable_state(model)
 
     rows, weights = [], backbone_weights(args.backbone)
     for (name, subsample), target in targets:
@@ -305,11 +312,12 @@ def train_and_evaluate(args, settings, commit, ds, targets, compute):
                "train_subsample": settings["subsample"], "dataset": name, "subsample": subsample,
                "accuracy": round(accuracy, 4), "macro_f1": round(macro_f1, 4), "test_images": len(target.test),
                "eval_only": args.eval_only, "checkpoint": args.checkpoint, "train_from": train_from,
-               "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.time() - t0, 1),
+               "train_seconds": train_seconds, "eval_seconds": round(time.time() - t0, 1),
                "trainable_params": n_trainable, "precision_used": compute.precision, "compile": args.compile,
                "device": torch.cuda.get_device_name() if compute.device == "cuda" else "cpu", "git": commit,
                "time": datetime.datetime.now().isoformat(timespec="seconds"),
-               "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2 ** 20) if compute.device == "cuda" else None}
+               "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2 ** 20) if compute.device == "cuda" else None,
+               **fit}
         append_rows(os.path.join(args.output_dir, "results.jsonl"), [row])  # written as soon as it is known
         rows.append(row)
     return rows

@@ -194,6 +194,28 @@ def test_grid_cells_take_the_best_mean_over_seeds(datasets, vit_checkpoint, tmp_
     assert "Classifier FT | " + column + ": 17 of 18 runs" in capsys.readouterr().out
 
 
+def test_table4_grid_selects_on_imagenet_for_the_whole_row(tmp_path, monkeypatch):
+    """Rethinking Table 4 with its grid: one setting per row, chosen by ImageNet accuracy, even where a shift would
+    prefer another (the per-cell best would be a different model in each column)."""
+    recipe = reproduce.rethinking_table4(backbones=["RN50"], seeds=SEEDS2)
+    out = str(tmp_path)
+    jobs, cells = reproduce.plan_recipe("t4", recipe, out, out)
+    choice = {key: (e["row"], e["choice"], e["sample"]) for e, keys in cells for key in keys}
+    lr = lambda key: float(choice[key][1].split("lr ")[1]) if choice[key][1] else 0.0
+    epochs = lambda key: int(choice[key][1].split()[0]) if choice[key][1] else 0
+    value = lambda key: 50 + (lr(key) + epochs(key) / 1000 if key[1] == "imagenet" else -lr(key)) + choice[key][2]
+    synthetic_rows(out, jobs, value)
+    monkeypatch.setitem(reproduce.RECIPES, "t4", recipe)
+    reproduce.main(["t4", "--output-dir", out, "--report", "--csv", str(tmp_path / "t.csv")])
+    got = csv_cells(tmp_path / "t.csv")
+    for row, best in [("Prompt Learning", 0.02), ("Classifier Fine-tuning", 0.2)]:
+        for column in ["ImageNet", "-V2", "-Sketch", "-A", "-R"]:
+            assert got["RN50", row, column]["selected"] == f"200 ep, lr {best:g}"  # the shifts would pick lr 2e-3
+            imagenet = best + 0.2 if column == "ImageNet" else -best
+            assert float(got["RN50", row, column]["mean"]) == pytest.approx(50 + imagenet + 1.5)
+    assert got["RN50", "Zero-Shot CLIP", "-A"]["selected"] == ""
+
+
 def test_a_variance_run_is_done_when_variance_py_wrote_its_row(datasets, vit_checkpoint, tmp_path, capsys):
     recipe = reproduce.upt_fig1(datasets[:1], [1], vit_checkpoint)
     out = str(tmp_path)
@@ -300,8 +322,10 @@ def test_every_builtin_recipe_plans_with_the_expected_run_count():
         "rethinking-table2": n_data * 4 + n_data * 2 * 10,
         "rethinking-fig1": n_data + n_data * n_shots * n_seeds * (1 + 9 + 9),  # zero-shot, probe, 2 grids of 9
         "rethinking-table3": n_backbones * 2,
-        "rethinking-table4": n_backbones * (1 + 3 * n_seeds),
+        "rethinking-table4": n_backbones * (1 + n_seeds + 9 * n_seeds * 2),  # zero-shot, probe, 2 grids of 9
+        "rethinking-table4-one-setting": n_backbones * (1 + 3 * n_seeds),
         "base-to-new": n_data * (1 + 8 * n_seeds + (5 - 1) * n_seeds),  # the default CoOp budget is one of the 5
+        "cross-dataset": 1 + 8 * n_seeds,  # zero-shot once; CoOp, CoCoOp, 2 VPT, UPT, Joint, Shared, MLP
     }
     assert set(reproduce.RECIPES) == set(expected)
     ids = {}
@@ -315,10 +339,12 @@ def test_every_builtin_recipe_plans_with_the_expected_run_count():
         specs = {t["name"]: t for t in recipe["tables"]}
         for entry, _ in cells:  # every run fills cells that a table shows
             spec = specs[entry["table"]]
-            assert entry["row"] in spec["rows"] and set(entry["columns"]) <= set(spec["columns"])
+            assert entry["row"] in spec["rows"] and set(entry["columns"]) - {None} <= set(spec["columns"])
     trained = lambda name: {i for i in ids[name] if not i.startswith("variance")}
     assert trained("upt-fig1") < ids["upt-fig4"] and len(ids["upt-table2"] & ids["upt-fig4"]) == n_data * n_seeds * 4
     assert ids["rethinking-table1"] < ids["rethinking-table2"]
+    assert ids["upt-table1"] < ids["cross-dataset"]  # the same ImageNet runs, evaluated on more targets
+    assert ids["rethinking-table4-one-setting"] < ids["rethinking-table4"]  # the default (50 ep, lr 0.002) is in the grid
 
 
 def test_published_tables_are_consistent():

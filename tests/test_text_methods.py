@@ -1,6 +1,7 @@
 """ZeroShot, CoOp, CoCoOp, LinearFT and the linear probe on tiny random CLIPs: exactness against zero-shot CLIP, the
 token layouts they claim, frozen CLIP, learning on a synthetic task, chunking, random prompts, autocast, bad input."""
 import copy
+import math
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ import clip_model
 import zeroshot
 from cocoop import CoCoOp
 from coop import CoOp
-from linear_ft import COSTS, LinearFT, fit_linear_probe
+import linear_ft
+from linear_ft import LinearFT, fit_linear_probe
 from zeroshot import HANDCRAFTED, IMAGENET_TEMPLATES_SELECT, TEMPLATES, ZeroShot
 
 NAMES = ["dog", "golden_retriever", "hot air balloon", "x-ray"]  # 1, 2, 3 and 3 BPE tokens
@@ -325,14 +327,66 @@ def separable_features(n_per_class, seed):
     return means[labels] + torch.randn(len(labels), 16, generator=g), labels
 
 
-def test_linear_probe_fits_and_selects_a_cost(vit):
+def lpclip_reference(accuracy_of, steps=8):
+    """CoOp lpclip/linear_probe.py's search, transcribed line by line (np.argmax over its list; the binary search in
+    log10 C, refitting both ends every round): -> the C it keeps."""
+    search_list = [1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6]
+    acc_list = [accuracy_of(c) for c in search_list]
+    c_peak = search_list[acc_list.index(max(acc_list))]
+    c_left, c_right = 1e-1 * c_peak, 1e1 * c_peak
+    for _ in range(steps):
+        acc_left, acc_right = accuracy_of(c_left), accuracy_of(c_right)
+        if acc_left < acc_right:
+            c_final = c_right
+            c_left, c_right = 0.5 * (math.log10(c_right) + math.log10(c_left)), math.log10(c_right)
+        else:
+            c_final = c_left
+            c_right, c_left = 0.5 * (math.log10(c_right) + math.log10(c_left)), math.log10(c_left)
+        c_left, c_right = 10 ** c_left, 10 ** c_right
+    return c_final
+
+
+@pytest.mark.parametrize("peak", [0.3, -2.71, 5.5, 0.0])
+def test_cost_search_is_coops_lpclip_search(peak):
+    """A validation accuracy that falls with the distance of log10 C from `peak` (in steps of 1/64, so ties happen):
+    the C kept and the C's tried are lpclip's, each fitted once."""
+    accuracy_of = lambda c: -round(abs(math.log10(c) - peak) * 64) / 64  # noqa: E731
+    calls = []
+    cost, accuracy, fit, tried = linear_ft.search_cost(lambda c: calls.append(c) or (accuracy_of(c), ("fit", c)))
+    expected = lpclip_reference(accuracy_of)
+    assert cost == pytest.approx(expected, rel=1e-9) and accuracy == accuracy_of(expected) and fit == ("fit", calls[
+        [round(math.log10(c), 9) for c in calls].index(round(math.log10(cost), 9))])
+    assert len(calls) == len({round(math.log10(c), 9) for c in calls}) == len(tried)  # each C fitted once
+    assert calls[:7] == list(linear_ft.COSTS) == [1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6]
+
+
+def test_linear_probe_searches_c_on_the_validation_split(vit):
     train, val, test = separable_features(20, 1), separable_features(10, 2), separable_features(50, 3)
-    probe = fit_linear_probe(vit, *train, *val, max_iter=200)
-    assert probe.cost in COSTS and probe.val_accuracy >= 0.9
+    probe = fit_linear_probe(vit, *train, *val, max_iter=40)
+    assert probe.val_accuracy >= 0.9 and "validation split (30 images)" in probe.cost_search
     assert (probe.forward_features(test[0]).argmax(-1) == test[1]).float().mean() >= 0.9
     assert probe.weight.shape == (3, 16) and probe.bias.shape == (3,)
-    default = fit_linear_probe(vit, *train, torch.zeros(0, 16), torch.zeros(0, dtype=torch.long), max_iter=200)
-    assert default.cost == 1.0 and default.val_accuracy is None  # no validation split: middle of the grid
+    x = torch.nn.functional.normalize(train[0], dim=-1)  # the probe is the train-only fit at the C found
+    weight, bias = linear_ft.fit_logistic(x, train[1], 3, probe.cost, 40)
+    assert torch.equal(probe.weight, weight) and torch.equal(probe.bias, bias)
+
+
+def test_linear_probe_without_val_holds_out_training_shots(vit):
+    (features, labels), empty = separable_features(6, 1), (torch.zeros(0, 16), torch.zeros(0, dtype=torch.long))
+    search = dict(costs=(1e-2, 1.0, 1e2), steps=2)  # a short search: the protocol, not its length, is under test
+    probe = fit_linear_probe(vit, features, labels, *empty, max_iter=20, seed=3, **search)
+    assert "3 of 6 training shots per class held out" in probe.cost_search and probe.val_accuracy is not None
+    kept, held = linear_ft.holdout(labels, 3, torch.Generator().manual_seed(3))
+    x = torch.nn.functional.normalize(features, dim=-1)
+    cost, accuracy, _, _ = linear_ft.search_cost(linear_ft.validated(x[kept], labels[kept], x[held], labels[held], 3,
+                                                                     20), **search)
+    assert (probe.cost, probe.val_accuracy) == (cost, accuracy)
+    weight, bias = linear_ft.fit_logistic(x, labels, 3, cost, 20)  # refitted on every shot
+    assert torch.equal(probe.weight, weight) and torch.equal(probe.bias, bias)
+    assert sorted(torch.cat([kept, held]).tolist()) == list(range(18))
+    assert torch.bincount(labels[held]).tolist() == [3, 3, 3]
+    one = fit_linear_probe(vit, features[:3], labels[:3], *empty, max_iter=20)  # 1 shot: nothing to hold out
+    assert one.cost == 1.0 and one.val_accuracy is None and one.cost_search.startswith("not searched")
 
 
 def test_linear_probe_classifies_images(vit):

@@ -3,6 +3,7 @@ the command line."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -55,11 +56,31 @@ def test_resume_after_interruption_matches_uninterrupted_run(folder, vit_checkpo
     with pytest.raises(runs.Interrupted, match=r"holds epoch 2; add --resume to the same command"):
         run("upt", folder, vit_checkpoint, tmp_path / "cut", epochs=3)
     monkeypatch.setattr(train, "save_atomic", save)
+    cut = torch.load(checkpoint_of(tmp_path / "cut"), weights_only=True)
+    assert 0 < cut["train_seconds"] and cut["epoch"] == 2
+    torch.save(dict(cut, train_seconds=1000.0), checkpoint_of(tmp_path / "cut"))  # as if the first session took 1000 s
+    began = time.time()
     resumed = run("upt", folder, vit_checkpoint, tmp_path / "cut", epochs=3, resume=True)
+    session = time.time() - began
+    assert 1000 <= resumed[-1]["train_seconds"] <= 1000 + session + 0.1  # Rethinking Table 3 times the whole training
     assert resumed[-1]["accuracy"] == full[-1]["accuracy"] and resumed[-1]["run_id"] == full[-1]["run_id"]
     a, b = (torch.load(checkpoint_of(tmp_path / d), weights_only=True) for d in ("full", "cut"))
-    assert a["epoch"] == b["epoch"] == 3
+    assert a["epoch"] == b["epoch"] == 3 and 1000 < b["train_seconds"] <= resumed[-1]["train_seconds"] + 0.1
+    assert 0 < a["train_seconds"] <= full[-1]["train_seconds"] + 0.1
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_linear_probe_says_how_c_was_chosen_and_records_it(folder, vit_checkpoint, tmp_path, capsys):
+    trained = run("linear_probe", folder, vit_checkpoint, tmp_path)  # 4 shots, the folder has no val split
+    assert "chosen by CoOp's lpclip search (7-point grid, 8 binary steps) on 2 of 4 training shots per class held out" \
+        in capsys.readouterr().out
+    path = checkpoint_of(tmp_path)
+    fit = torch.load(path, weights_only=True)["fit"]
+    assert trained[-1]["linear_probe_c"] == fit["linear_probe_c"] > 0 and "held out" in fit["linear_probe_c_search"]
+    assert 0 <= trained[-1]["linear_probe_val_accuracy"] <= 1
+    train.run(train.parse_args(["--method", "linear_probe", "--dataset", folder, "--output-dir", str(tmp_path),
+                                "--eval-only", "--checkpoint", path, "--workers", "0"]))
+    assert {k: v for k, v in read_rows(tmp_path)[-1].items() if k.startswith("linear_probe")} == fit
 
 
 def test_eval_only_reproduces_accuracy_with_the_checkpoints_settings(folder, vit_checkpoint, tmp_path):
