@@ -149,7 +149,7 @@ def read(weights):
         sd = read_safetensors(weights.path)
     else:
         sd = clip_model.read_state_dict(weights.path)
-    return from_transformers(sd) if any(k.startswith("text_model.") for k in sd) else sd
+    return from_transformers(sd) if any(str(k).startswith("text_model.") for k in sd) else sd
 
 
 def activation(folder):
