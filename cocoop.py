@@ -48,8 +48,8 @@ class CoCoOp(nn.Module):
         logits = []
         for img, ctx_chunk in zip(image_features.split(per_chunk), ctx.split(per_chunk)):
             b = img.shape[0]
-            prompts = ctx_chunk.repeat_interleave(K, dim=0)[None]  # (1, b·K, n_ctx, D): image-major, class-minor
-            text = self.clip.encode_text(self.tokenized_prompts.repeat(b, 1), prompts=prompts)  # Eq. (2): (b·K, E)
+            text = self.tokenized_prompts.repeat(b, 1)  # (b·K, L): image-major, class-minor
+            text = self.clip.encode_text(text, prompts=ctx_chunk[None])  # Eq. (2), one context per image: (b·K, E)
             text = F.normalize(text.float(), dim=-1).view(b, K, -1)  # (b, K, E)
             logits.append(torch.einsum("be,bke->bk", img, text))  # (b, K)
         return self.clip.logit_scale.exp() * torch.cat(logits)  # Eq. (1): (B, K)
