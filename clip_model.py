@@ -153,26 +153,30 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x, causal, context=None, group=None, rows=None):
-        """x: (N, L, D) -> (N, L, D). context: (G, P, D), the P positions before x's (a shared prefix, see
-        Transformer.forward_prefixed): x's tokens also attend to their keys and values, G sets, sequence i takes
-        set group[i]; causal only. rows: (N,) one token per sequence whose output alone is computed -> (N, 1, D)."""
+    def forward(self, x, causal, prefix=None, rows=None):
+        """x: (N, L, D) -> (N, L, D). prefix: keys and values 2 x (N, heads, P, D / heads) of P positions before x's
+        (see Transformer.forward_prefixed), which x's tokens attend to as well; causal only. rows: (N,) the one token
+        per sequence whose output alone is computed -> (N, 1, D)."""
         N, L, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(N, L, 3, self.heads, D // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (N, heads, L, D / heads)
-        if context is None:
+        if prefix is None:
             x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (N, heads, L, D / heads)
         else:
-            G, P = context.shape[:2]
-            kv = F.linear(context, self.in_proj_weight[D:], self.in_proj_bias[D:]).view(G, P, 2, self.heads, -1)
-            k_prefix, v_prefix = kv.permute(2, 0, 3, 1, 4)[:, group]  # 2 x (N, heads, P, D / heads)
-            k, v = torch.cat([k_prefix, k], dim=2), torch.cat([v_prefix, v], dim=2)  # (N, heads, P + L, D / heads)
+            P = prefix[0].shape[2]
+            k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)  # (N, heads, P + L, D / heads)
             # query i of x sits at position P + i: it sees keys 0..P + i, the causal mask aligned to the bottom right
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(L, P + L))
         x = x.transpose(1, 2)  # (N, L, heads, D / heads)
         if rows is not None:
             x = x[torch.arange(N, device=x.device), rows][:, None]  # (N, 1, heads, D / heads)
         return self.out_proj(x.reshape(N, -1, D))
+
+    def keys_values(self, x):
+        """x: (G, P, D) -> its keys and values 2 x (G, heads, P, D / heads), as forward computes them."""
+        G, P, D = x.shape
+        kv = F.linear(x, self.in_proj_weight[D:], self.in_proj_bias[D:]).view(G, P, 2, self.heads, D // self.heads)
+        return kv.permute(2, 0, 3, 1, 4)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -184,10 +188,9 @@ class ResidualAttentionBlock(nn.Module):
                                              c_proj=nn.Linear(4 * width, width)))
         self.ln_2 = LayerNorm(width)
 
-    def forward(self, x, causal=False, context=None, group=None, rows=None):
-        """context, group, rows: see Attention.forward; with rows -> (N, 1, D), only those tokens' outputs."""
-        context = None if context is None else self.ln_1(context)
-        h = self.attn(self.ln_1(x), causal, context, group, rows)
+    def forward(self, x, causal=False, prefix=None, rows=None):
+        """prefix, rows: see Attention.forward; with rows -> (N, 1, D), only those tokens' outputs."""
+        h = self.attn(self.ln_1(x), causal, prefix, rows)
         x = x + h if rows is None else x[torch.arange(x.shape[0], device=x.device), rows][:, None] + h
         return x + self.mlp(self.ln_2(x))
 
@@ -214,7 +217,7 @@ def context_from_words(clip, ctx_init, n_ctx=None):
         return clip.token_embedding(tokens)[0, 1:1 + n_ctx].float().clone()  # (n_ctx, D)
 
 
-def bucket_bounds(lengths, max_buckets=4):
+def bucket_bounds(lengths, max_buckets=3):
     """Sequence lengths -> at most max_buckets bucket upper bounds, chosen (dynamic programming over the distinct
     lengths) to minimise the padded token count: the sum over buckets of (sequences in it) x (its bound)."""
     values = sorted(set(lengths))
@@ -262,11 +265,11 @@ class Transformer(nn.Module):
         padding comes after its EOT, which never attends to it. In the last block only the EOT computes an output."""
         if len(deep_prompts) >= self.layers:
             raise CLIPError(f"{len(deep_prompts) + 1} prompt layers given, but the encoder has only {self.layers}")
-        contexts = []  # each block's input at the prefix positions: (G, P, D)
+        prefix_kv = []  # each block's keys and values at the prefix positions: 2 x (G, heads, P, D / heads)
         for i, block in enumerate(self.resblocks):
             if 0 < i <= len(deep_prompts):
                 prefix = insert_prompts(prefix, deep_prompts[i - 1], replace=True)
-            contexts.append(prefix)
+            prefix_kv.append(block.attn.keys_values(block.ln_1(prefix)))
             if i < self.layers - 1:  # the last block reads the prefix's keys and values, never its outputs
                 prefix = block(prefix, causal=True)
         lengths = (rows + 1).tolist()
@@ -274,8 +277,10 @@ class Transformer(nn.Module):
         for high in bucket_bounds(lengths):
             index = torch.tensor([i for i, n in enumerate(lengths) if low < n <= high], device=suffix.device)
             x = suffix[index, :high]  # (N_b, high, D)
-            for i, (block, context) in enumerate(zip(self.resblocks, contexts)):
-                x = block(x, True, context, group[index], rows[index] if i == self.layers - 1 else None)
+            for i, (block, (k, v)) in enumerate(zip(self.resblocks, prefix_kv)):
+                # one prefix: a broadcast view, whose gradient is a sum; several: each sequence's copy
+                kv = [t.expand(len(index), -1, -1, -1) if len(t) == 1 else t[group[index]] for t in (k, v)]
+                x = block(x, True, kv, rows[index] if i == self.layers - 1 else None)
             outputs.append(x[:, 0])  # (N_b, D): the EOTs
             order.append(index)
             low = high
