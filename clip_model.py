@@ -251,7 +251,8 @@ class Transformer(nn.Module):
 
     def forward_prefixed(self, prefix, suffix, group, rows, deep_prompts=()):
         """The prefix path, for the causal text encoder: the same (N, D) as
-        forward(torch.cat([prefix[group], suffix], 1), deep_prompts, rows + P), with less work.
+        forward(torch.cat([prefix[group], suffix], 1), deep_prompts, rows + P) (per-prefix deep prompts taken per
+        sequence likewise), with less work.
         prefix: (G, P, D) the first P positions, G distinct ones; group: (N,) the one sequence i starts with;
         suffix: (N, S, D) the rest; rows: (N,) the position in suffix of the one token read (the EOT);
         deep_prompts: (n, D) or (G, n, D) per deep layer, inside the prefix (1 + n <= P).
@@ -385,13 +386,13 @@ class VisionTransformer(nn.Module):
         x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, N, D): N = (H / patch) * (W / patch)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1 + N, D)
-        cls = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # (B,): only CLS is read
+        read = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # (B,): CLS, the only token read
         if prompts is None:
-            x = self.transformer(self.ln_pre(x), rows=cls)
+            x = self.transformer(self.ln_pre(x), rows=read)
         elif after_ln_pre:
-            x = self.transformer(insert_prompts(self.ln_pre(x), prompts[0], replace=False), prompts[1:], cls)
+            x = self.transformer(insert_prompts(self.ln_pre(x), prompts[0], replace=False), prompts[1:], read)
         else:
-            x = self.transformer(self.ln_pre(insert_prompts(x, prompts[0], replace=False)), prompts[1:], cls)
+            x = self.transformer(self.ln_pre(insert_prompts(x, prompts[0], replace=False)), prompts[1:], read)
         return self.ln_post(x) @ self.proj  # (B, E)
 
 
