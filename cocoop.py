@@ -17,7 +17,7 @@ class CoCoOp(nn.Module):
     vectors from N(0, 0.02²); meta-net
     Linear(E, E // 16) -> ReLU -> Linear(E // 16, D) on the normalised image feature, as CoCoOp's code (default init,
     global RNG). Text features are computed for every (image, class) pair, in chunks of at most max_sequences sequences
-    (at least one image per chunk).
+    (at least one image per chunk); the text encoder computes each image's prefix [SOS, ctx + π(x)] once.
     """
 
     def __init__(self, clip, classnames, *, n_ctx=None, ctx_init="a photo of a", max_sequences=4096):
