@@ -9,6 +9,11 @@ CUDA: CUDA events after synchronize; CPU: perf_counter. Warm-up steps (and compi
 runs Rethinking Fig. 1's grid on one synthetic few-shot subset through train.py (CoOp m=16 and classifier fine-tuning,
 3 lr x 3 epoch budgets each) with the feature bank and without it, and prints the two wall times side by side;
 --eval-prompts times UPT's evaluation with its prompt side (θ, text features) once per evaluation vs once per batch.
+
+    python bench.py --text-side coop16,coop4,cocoop1,cocoop4,upt --random-init --classes 100,1000 --steps 3 --warmup 1
+times the text side of a step (forward + backward from image features, as from the feature bank; ImageNet's class
+names) on the text encoder's plain path and on its prefix path (clip_model.Transformer.forward_prefixed), interleaved,
+the minimum of --steps each; --coop-run adds one CoOp run (m = 16) from the feature bank through train.py both ways.
 """
 import argparse
 import datetime
@@ -25,6 +30,9 @@ import clip_model
 import data
 import runs
 import train
+from cocoop import CoCoOp
+from coop import CoOp
+from upt import UPT
 
 # Official layouts, as CLIP(embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
 #                           context_length, vocab_size, transformer_width, transformer_heads, transformer_layers)
@@ -86,6 +94,10 @@ def parse_args(argv):
     only.add_argument("--sweep", action="store_true", help="Rethinking Fig. 1's grid with and without the feature bank")
     only.add_argument("--eval-prompts", type=ints(1), metavar="N", help="UPT evaluation of N random images (batches "
                       "of 100, K = --classes): prompt side once per evaluation vs once per batch")
+    only.add_argument("--text-side", metavar="ARMS", help="text-side step, plain vs prefix path, of comma-separated "
+                      f"{', '.join(TEXT_SIDE)} (CoOp m = 16 / 4, CoCoOp B = 1 / 4 images, UPT) at each of --classes")
+    p.add_argument("--coop-run", action="store_true", help="--text-side: also one CoOp m=16 run from the feature "
+                   "bank (train.py, K = the first of --classes, --shots, 2 epochs), plain vs prefix path")
     p.add_argument("--sweep-epochs", type=ints(1, many=True), default=[1, 2, 4], help="the grid's epoch budgets "
                    "(the paper's 50,100,200, scaled down)")
     p.add_argument("--shots", type=ints(1), default=4, help="--sweep: training images per class")
@@ -97,6 +109,12 @@ def parse_args(argv):
         raise BenchError(f"unknown --backbone {args.backbone!r}: use one of {', '.join(ARCHITECTURES)}"
                          + ("" if args.random_init else " or the path of a checkpoint file"))
     args.methods = {m: method_args(m) for m in args.methods.split(",")}
+    if args.text_side is not None:
+        args.text_side = args.text_side.split(",")
+        if bad := [x for x in args.text_side if x not in TEXT_SIDE]:
+            raise BenchError(f"unknown --text-side arm {bad[0]!r}: use some of {','.join(TEXT_SIDE)}")
+    if args.coop_run and not args.text_side:
+        raise BenchError("--coop-run is part of --text-side: add --text-side coop16 (or other arms)")
     return args
 
 
@@ -210,20 +228,27 @@ SWEEP = {"coop": ["--n-ctx", "16"], "linear_ft": []}  # Rethinking §5.1: M = 16
 SWEEP_LR = {"coop": ["2e-2", "2e-3", "2e-4"], "linear_ft": ["2e-1", "2e-2", "2e-3"]}
 
 
+def synthetic_dataset(clip, folder, K, shots, test=2):
+    """Write clip as OpenAI's fp16 state dict and a folder dataset of K classes x (shots train, `test` test) smooth
+    random 500x375 JPEGs under folder -> (backbone path, --dataset value)."""
+    g = torch.Generator().manual_seed(0)
+    backbone = os.path.join(folder, "backbone.pt")
+    torch.save({k: v.half() for k, v in clip.state_dict().items()}, backbone)
+    for split, n in [("train", shots), ("test", test)]:
+        for k in range(K):
+            os.makedirs(os.path.join(folder, "data", split, f"class {k}"))
+            for i in range(n):
+                pixels = torch.randint(0, 256, (19, 25, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).resize(PHOTO_SIZE, Image.BICUBIC).save(
+                    os.path.join(folder, "data", split, f"class {k}", f"{i}.jpg"))
+    return backbone, f"folder:{folder}/data"
+
+
 def sweep(clip, args):
     """-> wall seconds of the whole grid through train.run, with the feature bank and without, each in a fresh output
     dir (so each pays its own test features once) on the same synthetic subset: K classes x shots images."""
-    K, g = args.classes[0], torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as folder:
-        backbone = os.path.join(folder, "backbone.pt")
-        torch.save({k: v.half() for k, v in clip.state_dict().items()}, backbone)  # OpenAI's fp16 state dict format
-        for split, n in [("train", args.shots), ("test", 2)]:
-            for k in range(K):
-                os.makedirs(os.path.join(folder, "data", split, f"class {k}"))
-                for i in range(n):
-                    pixels = torch.randint(0, 256, (19, 25, 3), generator=g, dtype=torch.uint8).numpy()
-                    Image.fromarray(pixels).resize(PHOTO_SIZE, Image.BICUBIC).save(
-                        os.path.join(folder, "data", split, f"class {k}", f"{i}.jpg"))
+        backbone, dataset = synthetic_dataset(clip, folder, args.classes[0], args.shots)
         seconds = {}
         for arm, flag in [("feature bank", []), ("images every step", ["--no-feature-bank"])]:
             t0 = time.perf_counter()
@@ -231,11 +256,105 @@ def sweep(clip, args):
                 for lr in SWEEP_LR[method]:
                     for epochs in args.sweep_epochs:
                         train.run(train.parse_args([
-                            "--method", method, "--dataset", f"folder:{folder}/data", "--backbone", backbone,
+                            "--method", method, "--dataset", dataset, "--backbone", backbone,
                             "--shots", str(args.shots), "--epochs", str(epochs), "--lr", lr, "--workers", "2",
                             "--precision", args.precision[0], "--output-dir", os.path.join(folder, arm), *options,
                             *flag]))
             seconds[arm] = time.perf_counter() - t0
+    return seconds
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Text side: the text encoder's prefix path against its plain path (clip_model.CLIP.share_prefix = False)
+
+TEXT_SIDE = ("coop16", "coop4", "cocoop1", "cocoop4", "upt")
+
+
+def text_side_step(arm, clip, K, device):
+    """-> (model, loss()) of one text-side step: cross-entropy of the logits of B random image features (as read from
+    the feature bank; B = 32, CoCoOp's 1 or 4) over K ImageNet class names. UPT: its text features (θ, Eq. (2))
+    against B fixed normalised image features, its image side left out. Eval mode: no dropout, so both paths agree."""
+    names = [data.IMAGENET_CLASSNAMES[k % len(data.IMAGENET_CLASSNAMES)] for k in range(K)]
+    g = torch.Generator().manual_seed(0)
+    B = {"cocoop1": 1, "cocoop4": 4}.get(arm, 32)
+    features = torch.randn(B, clip.visual.output_dim, generator=g).to(device)
+    labels = torch.randint(0, K, (B,), generator=g).to(device)
+    torch.manual_seed(0)
+    if arm.startswith("coop"):
+        model = CoOp(clip, names, n_ctx=int(arm[4:]))
+    elif arm.startswith("cocoop"):
+        model = CoCoOp(clip, names)
+    else:
+        model = UPT(clip, names)
+    model = model.to(device).eval()
+    image = F.normalize(features, dim=-1)
+    logits = (lambda: clip.logit_scale.exp() * image @ model.prepare()[1].t()) if arm == "upt" else \
+        (lambda: model.forward_features(features))
+    return model, lambda: F.cross_entropy(logits().float(), labels)
+
+
+def saved_for_backward(loss, frozen):
+    """-> (loss(), bytes of the distinct storages autograd keeps for backward, the frozen weights excluded): the
+    activation memory of a step, CPU's stand-in for CUDA's peak memory."""
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in frozen:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        value = loss()
+    return value, sum(storages.values())
+
+
+def text_side(clip, arm, K, args, device):
+    """-> {path: (seconds, memory bytes)} and the max relative difference of the two paths' parameter gradients:
+    paths interleaved, 1 + --warmup untimed steps then the minimum of --steps; memory: CUDA peak or saved for
+    backward, in the first step."""
+    model, loss = text_side_step(arm, clip, K, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    frozen = {p.untyped_storage().data_ptr() for p in clip.parameters()}
+    seconds, memory, grads = {"plain": [], "prefix": []}, {}, {}
+    for i in range(1 + args.warmup + args.steps):  # step 0 measures memory and gradients, untimed
+        for path in seconds:
+            clip.share_prefix = path == "prefix"
+            for p in params:
+                p.grad = None
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            value, saved = saved_for_backward(loss, frozen) if i == 0 and device != "cuda" else (loss(), 0)
+            value.backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i > args.warmup:
+                seconds[path].append(time.perf_counter() - t0)
+            if i == 0:
+                memory[path] = torch.cuda.max_memory_allocated() if device == "cuda" else saved
+                grads[path] = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+    clip.share_prefix = True
+    difference = ((grads["prefix"] - grads["plain"]).abs().max() / grads["plain"].abs().max()).item()
+    return {path: (min(t), memory[path]) for path, t in seconds.items()}, difference
+
+
+def coop_run(clip, args):
+    """-> wall seconds of one CoOp m=16 run through train.run from the feature bank (K = the first of --classes,
+    --shots, 2 epochs, 1 test image per class), on the plain path, then the prefix path, each in a fresh output dir:
+    both pay the same image features."""
+    seconds = {}
+    with tempfile.TemporaryDirectory() as folder:
+        backbone, dataset = synthetic_dataset(clip, folder, args.classes[0], args.shots, test=1)
+        for path in ("plain", "prefix"):
+            clip_model.CLIP.share_prefix = path == "prefix"  # the class attribute: train.run loads its own CLIP
+            t0 = time.perf_counter()
+            train.run(train.parse_args([
+                "--method", "coop", "--n-ctx", "16", "--dataset", dataset, "--backbone", backbone, "--shots",
+                str(args.shots), "--epochs", "2", "--workers", "2", "--precision", args.precision[0],
+                "--output-dir", os.path.join(folder, path)]))
+            seconds[path] = time.perf_counter() - t0
+    clip_model.CLIP.share_prefix = True
     return seconds
 
 
@@ -271,7 +390,7 @@ def main(argv=None):
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     weights = "loader only" if args.loader_only else "random weights" if args.random_init else "loaded weights"
     print(f"bench.py | torch {torch.__version__} | {name} | {datetime.date.today()} | {args.backbone}, {weights}")
-    if not (args.no_loader or args.sweep or args.eval_prompts):
+    if not (args.no_loader or args.sweep or args.eval_prompts or args.text_side):
         rates = loader_rates(args.loader_images, n_px, args.loader_workers)
         print(f"\nLoader: data.make_loader, train transform at {n_px} px on images decoded in RAM ({args.loader_images}"
               f" synthetic {PHOTO_SIZE[0]}x{PHOTO_SIZE[1]} JPEGs), batch {min(32, args.loader_images)}, 3 epochs after"
@@ -293,7 +412,30 @@ def main(argv=None):
         print(f"\nUPT evaluation, {args.eval_prompts} images, K={args.classes[0]}:\n")
         print(table(["prompt side computed", "ms", "vs once per evaluation"],
                     [[way, f"{t * 1000:.1f}", f"{t / per_evaluation:.2f}x"] for way, t in seconds.items()]))
-    if args.loader_only or args.sweep or args.eval_prompts:
+    if args.text_side:
+        memory = "peak mem" if device == "cuda" else "saved for backward"
+        autocast, _, precision = train.setup_precision(args.precision[0], device)
+        print(f"\nText side of a step (forward + backward from image features), plain vs prefix path, "
+              f"{precision}, minimum of {args.steps} after {args.warmup} warm-up, interleaved; memory: "
+              f"{'CUDA peak' if device == 'cuda' else 'activations autograd saves (CPU), frozen weights excluded'}; "
+              f"diff: max relative difference of the gradients.\n")
+        print(table(["arm", "K", "plain ms", "prefix ms", "speed-up", f"plain {memory}", f"prefix {memory}",
+                     "memory ratio", "diff"]), flush=True)
+        for K in args.classes:
+            for arm in args.text_side:
+                with autocast:
+                    paths, diff = text_side(clip, arm, K, args, device)
+                plain, prefix = paths["plain"], paths["prefix"]
+                print(row([arm, K, f"{plain[0] * 1000:.0f}", f"{prefix[0] * 1000:.0f}", f"{plain[0] / prefix[0]:.2f}x",
+                           f"{plain[1] / 2 ** 20:.0f} MiB", f"{prefix[1] / 2 ** 20:.0f} MiB",
+                           f"{plain[1] / max(prefix[1], 1):.2f}x", f"{diff:.1e}"]), flush=True)
+        if args.coop_run:
+            seconds = coop_run(clip, args)
+            print(f"\nCoOp m=16 run from the feature bank (train.py): {args.classes[0]} classes x {args.shots} shots, "
+                  "2 epochs, 1 test image per class:\n")
+            print(table(["text encoder path", "run wall s", "speed-up"],
+                        [[path, f"{t:.1f}", f"{seconds['plain'] / t:.2f}x"] for path, t in seconds.items()]))
+    if args.loader_only or args.sweep or args.eval_prompts or args.text_side:
         return 0
     batch_rule = f"{args.batch_size} for every method" if args.batch_size else \
         "each method's default (CoCoOp 1, others 32; --batch-size sets one for all)"

@@ -18,6 +18,7 @@ import regex as re
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 from torchvision import transforms as T
 
 
@@ -160,12 +161,30 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x, causal):
+    def forward(self, x, causal, prefix=None, rows=None):
+        """x: (N, L, D) -> (N, L, D). prefix: keys and values 2 x (N, heads, P, D / heads) of P positions before x's
+        (see Transformer.forward_prefixed), which x's tokens attend to as well; causal only. rows: (N,) the one token
+        per sequence whose output alone is computed -> (N, 1, D)."""
         N, L, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(N, L, 3, self.heads, D // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (N, heads, L, D / heads)
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (N, heads, L, D / heads)
-        return self.out_proj(x.transpose(1, 2).reshape(N, L, D))
+        if prefix is None:
+            x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (N, heads, L, D / heads)
+        else:
+            P = prefix[0].shape[2]
+            k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)  # (N, heads, P + L, D / heads)
+            # query i of x sits at position P + i: it sees keys 0..P + i, the causal mask aligned to the bottom right
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(L, P + L))
+        x = x.transpose(1, 2)  # (N, L, heads, D / heads)
+        if rows is not None:
+            x = x[torch.arange(N, device=x.device), rows][:, None]  # (N, 1, heads, D / heads)
+        return self.out_proj(x.reshape(N, -1, D))
+
+    def keys_values(self, x):
+        """x: (G, P, D) -> its keys and values 2 x (G, heads, P, D / heads), as forward computes them."""
+        G, P, D = x.shape
+        kv = F.linear(x, self.in_proj_weight[D:], self.in_proj_bias[D:]).view(G, P, 2, self.heads, D // self.heads)
+        return kv.permute(2, 0, 3, 1, 4)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -177,8 +196,10 @@ class ResidualAttentionBlock(nn.Module):
                                              c_proj=nn.Linear(4 * width, width)))
         self.ln_2 = LayerNorm(width)
 
-    def forward(self, x, causal=False):
-        x = x + self.attn(self.ln_1(x), causal)
+    def forward(self, x, causal=False, prefix=None, rows=None):
+        """prefix, rows: see Attention.forward; with rows -> (N, 1, D), only those tokens' outputs."""
+        h = self.attn(self.ln_1(x), causal, prefix, rows)
+        x = x + h if rows is None else x[torch.arange(x.shape[0], device=x.device), rows][:, None] + h
         return x + self.mlp(self.ln_2(x))
 
 
@@ -204,22 +225,75 @@ def context_from_words(clip, ctx_init, n_ctx=None):
         return clip.token_embedding(tokens)[0, 1:1 + n_ctx].float().clone()  # (n_ctx, D)
 
 
+def bucket_bounds(lengths, max_buckets=3):
+    """Sequence lengths -> at most max_buckets bucket upper bounds, chosen (dynamic programming over the distinct
+    lengths) to minimise the padded token count: the sum over buckets of (sequences in it) x (its bound)."""
+    values = sorted(set(lengths))
+    counts = [lengths.count(v) for v in values]
+    best = [(0, [])] + [None] * len(values)  # best[j]: (padded tokens, bounds) for values[:j] in the buckets so far
+    for _ in range(max_buckets):
+        best = [best[0]] + [min([best[j]] * (best[j] is not None) + [
+            (best[i][0] + sum(counts[i:j]) * values[j - 1], best[i][1] + [values[j - 1]])
+            for i in range(j) if best[i] is not None]) for j in range(1, len(values) + 1)]
+    return best[-1][1]
+
+
 class Transformer(nn.Module):
     def __init__(self, width, layers, heads, causal=False):
         super().__init__()
         self.width, self.layers, self.causal = width, layers, causal
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
 
-    def forward(self, x, deep_prompts=()):
-        """x: (N, L, D). deep_prompts[i - 1] ((n, D) or (N, n, D)) replaces tokens 1..n at the input of block i:
-        the outputs of the previous layer's prompts are discarded (VPT-deep, UPT Eq. (4) with layer-wise V^i)."""
+    def forward(self, x, deep_prompts=(), rows=None):
+        """The plain path. x: (N, L, D) -> (N, L, D). deep_prompts[i - 1] ((n, D) or (N, n, D)) replaces tokens 1..n
+        at the input of block i: the outputs of the previous layer's prompts are discarded (VPT-deep, UPT Eq. (4) with
+        layer-wise V^i). rows: (N,) the one token per sequence that is read (the ViT's CLS) -> (N, D): the last block
+        computes the other tokens' keys and values only, not their outputs."""
         if len(deep_prompts) >= self.layers:
             raise CLIPError(f"{len(deep_prompts) + 1} prompt layers given, but the encoder has only {self.layers}")
         for i, block in enumerate(self.resblocks):
             if 0 < i <= len(deep_prompts):
                 x = insert_prompts(x, deep_prompts[i - 1], replace=True)
-            x = block(x, self.causal)
-        return x
+            x = block(x, self.causal, rows=rows if i == self.layers - 1 else None)
+        return x if rows is None else x[:, 0]
+
+    def forward_prefixed(self, prefix, suffix, group, rows, deep_prompts=()):
+        """The prefix path, for the causal text encoder: the same (N, D) as
+        forward(torch.cat([prefix[group], suffix], 1), deep_prompts, rows + P) (per-prefix deep prompts taken per
+        sequence likewise), with less work.
+        prefix: (G, P, D) the first P positions, G distinct ones; group: (N,) the one sequence i starts with;
+        suffix: (N, S, D) the rest; rows: (N,) the position in suffix of the one token read (the EOT);
+        deep_prompts: (n, D) or (G, n, D) per deep layer, inside the prefix (1 + n <= P).
+
+        Why it is exact: with causal attention, position i's hidden state in every layer depends on positions <= i
+        only, so a prefix has the same hidden states in every sequence that starts with it. They are computed once
+        per prefix (G sequences of P tokens, not N), and each suffix token attends to its prefix's keys and values
+        and to its own causal past: the same softmax over the same keys as in the plain path; only float rounding
+        differs. The gradient of a prefix is the sum over its sequences, as autograd adds it up.
+        Suffixes run in a few buckets of similar lengths (bucket_bounds), each cut at its longest: a shorter one's
+        padding comes after its EOT, which never attends to it. In the last block only the EOT computes an output."""
+        if len(deep_prompts) >= self.layers:
+            raise CLIPError(f"{len(deep_prompts) + 1} prompt layers given, but the encoder has only {self.layers}")
+        prefix_kv = []  # each block's keys and values at the prefix positions: 2 x (G, heads, P, D / heads)
+        for i, block in enumerate(self.resblocks):
+            if 0 < i <= len(deep_prompts):
+                prefix = insert_prompts(prefix, deep_prompts[i - 1], replace=True)
+            prefix_kv.append(block.attn.keys_values(block.ln_1(prefix)))
+            if i < self.layers - 1:  # the last block reads the prefix's keys and values, never its outputs
+                prefix = block(prefix, causal=True)
+        lengths = (rows + 1).tolist()
+        outputs, order, low = [], [], 0
+        for high in bucket_bounds(lengths):
+            index = torch.tensor([i for i, n in enumerate(lengths) if low < n <= high], device=suffix.device)
+            x = suffix[index, :high]  # (N_b, high, D)
+            for i, (block, (k, v)) in enumerate(zip(self.resblocks, prefix_kv)):
+                # one prefix: a broadcast view, whose gradient is a sum; several: each sequence's copy
+                kv = [t.expand(len(index), -1, -1, -1) if len(t) == 1 else t[group[index]] for t in (k, v)]
+                x = block(x, True, kv, rows[index] if i == self.layers - 1 else None)
+            outputs.append(x[:, 0])  # (N_b, D): the EOTs
+            order.append(index)
+            low = high
+        return torch.cat(outputs)[torch.cat(order).argsort()]  # (N, D) in the input order
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -320,13 +394,14 @@ class VisionTransformer(nn.Module):
         x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, N, D): N = (H / patch) * (W / patch)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1 + N, D)
+        read = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # (B,): CLS, the only token read
         if prompts is None:
-            x = self.transformer(self.ln_pre(x))
+            x = self.transformer(self.ln_pre(x), rows=read)
         elif after_ln_pre:
-            x = self.transformer(insert_prompts(self.ln_pre(x), prompts[0], replace=False), prompts[1:])
+            x = self.transformer(insert_prompts(self.ln_pre(x), prompts[0], replace=False), prompts[1:], read)
         else:
-            x = self.transformer(self.ln_pre(insert_prompts(x, prompts[0], replace=False)), prompts[1:])
-        return self.ln_post(x[:, 0]) @ self.proj  # (B, E)
+            x = self.transformer(self.ln_pre(insert_prompts(x, prompts[0], replace=False)), prompts[1:], read)
+        return self.ln_post(x) @ self.proj  # (B, E)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -363,22 +438,55 @@ class CLIP(nn.Module):
         return self.visual(image, prompts, after_ln_pre)
 
     def encode_text(self, text, prompts=None):
-        """text: (N, L) token ids -> (N, E). prompts: None or (depth, n, D) / (depth, N, n, D) learned embeddings that
-        replace the n tokens after SOS at the input of the first `depth` layers. At layer 0 they replace word
-        embeddings and get positions 1..n, as CoOp's context (Eq. (2)); deeper ones replace the previous layer's outputs."""
+        """text: (N, L) token ids -> (N, E). prompts: None, or learned embeddings that replace the n tokens after SOS
+        at the input of the first `depth` layers: (depth, n, D) shared by all texts, or (depth, G, n, D), one set per
+        run of N / G consecutive texts (G = N: one per text; CoCoOp: one per image). At layer 0 they replace word
+        embeddings and get positions 1..n, as CoOp's context (Eq. (2)); deeper ones replace the previous layer's outputs.
+        The leading positions that all texts of a run have in common (the same token ids, prompts shared by the run)
+        go through the text encoder once per run (see encode_token_embeddings)."""
+        N, L = text.shape
         x = self.token_embedding(text)  # (N, L, D)
+        groups, n, deep = 1, 0, ()
         if prompts is not None:
-            x = insert_prompts(x, prompts[0], replace=True)
-        return self.encode_token_embeddings(x, text.argmax(dim=-1), prompts[1:] if prompts is not None else ())
+            groups, n = (1 if prompts.dim() == 3 else prompts.shape[1]), prompts.shape[-2]
+            if N % groups:
+                raise CLIPError(f"{groups} prompt sets for {N} texts: give one set, one per text, or one per run of "
+                                "consecutive texts (N a multiple of the sets)")
+            first = prompts[0] if prompts.dim() == 3 else prompts[0].repeat_interleave(N // groups, dim=0)
+            x, deep = insert_prompts(x, first, replace=True), prompts[1:]  # x: (N, L, D)
+        per_text = groups == N > 1  # prompts differ from text to text: only what comes before them is shared, by all
+        groups = 1 if per_text else groups
+        runs = text.view(groups, N // groups, L)  # (G, N / G, L)
+        same = (runs == runs[:, :1]).all(dim=1).all(dim=0)  # (L,): the same token in every text of a run
+        same[1:1 + n] = not per_text  # prompt positions
+        eot = text.argmax(dim=-1)  # (N,)
+        shared = min(int(same.int().cumprod(0).sum()), int(eot.min()))  # every text keeps its EOT after the prefix
+        if len(deep) and shared < 1 + n:  # per-text deep prompts are not in a prefix: plain path
+            shared = 0
+        return self.encode_token_embeddings(x, eot, deep, shared, groups)
 
-    def encode_token_embeddings(self, x, eot, deep_prompts=()):
+    share_prefix = True  # False sends every text through the plain path (tests and bench.py compare the two)
+
+    def encode_token_embeddings(self, x, eot, deep_prompts=(), shared=0, groups=1):
         """x: (N, L, D) token embeddings (e.g. CoOp's [SOS, ctx, class, '.', EOT]); eot: (N,) EOT positions -> (N, E).
-        With a causal mask nothing after the last EOT reaches an EOT feature, so the sequence is cut there."""
+        With a causal mask nothing after the last EOT reaches an EOT feature, so the sequence is cut there.
+        shared=0: the plain path, every sequence whole through Transformer.forward (the reference). shared=P > 0: the
+        first P positions are the same in every sequence of each of `groups` runs of N / groups consecutive ones, by
+        construction (same tokens, shared prompts; not by value, which would route a gradient to one copy): the prefix
+        path, Transformer.forward_prefixed, computes them once per run. deep_prompts: as Transformer.forward's, with
+        (G, n, D) per run on the prefix path."""
         L = int(eot.max()) + 1
         x = x[:, :L] + self.positional_embedding[:L].to(x.dtype)  # (N, L, D)
-        x = self.transformer(x, deep_prompts)
-        x = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot])  # (N, D): the EOT token
-        return x @ self.text_projection  # (N, E)
+        if shared and self.share_prefix:
+            prefix = x.unflatten(0, (groups, -1))[:, 0, :shared]  # (G, P, D): the first sequence of each run
+            group = torch.arange(x.shape[0], device=x.device) // (x.shape[0] // groups)  # (N,)
+            x = self.transformer.forward_prefixed(prefix, x[:, shared:], group, eot - shared, deep_prompts)  # (N, D)
+        else:
+            deep_prompts = [p.repeat_interleave(x.shape[0] // p.shape[0], dim=0) if p.dim() == 3 else p
+                            for p in deep_prompts]  # (n, D) or (N, n, D)
+            x = self.transformer(x, deep_prompts)  # (N, L, D)
+            x = x[torch.arange(x.shape[0], device=x.device), eot]  # (N, D): the EOT token
+        return self.ln_final(x) @ self.text_projection  # (N, E)
 
     def forward(self, image, text):
         image_features = F.normalize(self.encode_image(image), dim=-1)

@@ -17,7 +17,7 @@ class CoCoOp(nn.Module):
     vectors from N(0, 0.02²); meta-net
     Linear(E, E // 16) -> ReLU -> Linear(E // 16, D) on the normalised image feature, as CoCoOp's code (default init,
     global RNG). Text features are computed for every (image, class) pair, in chunks of at most max_sequences sequences
-    (at least one image per chunk).
+    (at least one image per chunk); the text encoder computes each image's prefix [SOS, ctx + π(x)] once.
     """
 
     def __init__(self, clip, classnames, *, n_ctx=None, ctx_init="a photo of a", max_sequences=4096):
@@ -48,8 +48,8 @@ class CoCoOp(nn.Module):
         logits = []
         for img, ctx_chunk in zip(image_features.split(per_chunk), ctx.split(per_chunk)):
             b = img.shape[0]
-            prompts = ctx_chunk.repeat_interleave(K, dim=0)[None]  # (1, b·K, n_ctx, D): image-major, class-minor
-            text = self.clip.encode_text(self.tokenized_prompts.repeat(b, 1), prompts=prompts)  # Eq. (2): (b·K, E)
+            text = self.tokenized_prompts.repeat(b, 1)  # (b·K, L): image-major, class-minor
+            text = self.clip.encode_text(text, prompts=ctx_chunk[None])  # Eq. (2), one context per image: (b·K, E)
             text = F.normalize(text.float(), dim=-1).view(b, K, -1)  # (b, K, E)
             logits.append(torch.einsum("be,bke->bk", img, text))  # (b, K)
         return self.clip.logit_scale.exp() * torch.cat(logits)  # Eq. (1): (B, K)

@@ -72,7 +72,11 @@ class CoOp(nn.Module):
         if self.class_token_position == "end":  # Eq. (2): [SOS, t_1..t_m, CLASS, ., EOT]
             prompts = self.ctx[None]  # (1, n_ctx, D) or (1, K, n_ctx, D): replace the X placeholders
             return self.clip.encode_text(self.tokenized_prompts, prompts=prompts)
-        return self.clip.encode_token_embeddings(self.prompt_embeddings(), self.tokenized_prompts.argmax(dim=-1))
+        # the first 1 + h positions, [SOS, ctx[:h]], are the same in every prompt: h = n_ctx // 2 for a shared
+        # context in the middle layout, else 0 (front; CSC): the text encoder computes them once
+        h = self.ctx.shape[-2] // 2 if self.class_token_position == "middle" and self.ctx.dim() == 2 else 0
+        eot = self.tokenized_prompts.argmax(dim=-1)  # (K,)
+        return self.clip.encode_token_embeddings(self.prompt_embeddings(), eot, shared=1 + h)
 
     def forward_features(self, image_features):
         """image_features: raw clip.encode_image output (B, E) -> logits (B, K); text features computed once."""

@@ -79,7 +79,8 @@ class ZeroShot(nn.Module):
         else:
             tokens = clip_model.tokenize(texts, context_length=clip.context_length)  # (T·K, L)
         with torch.no_grad():
-            chunks = tokens.to(device).split(TEXT_CHUNK)
+            # one template per call: its words before the class name are a prefix the text encoder computes once
+            chunks = [chunk for template in tokens.to(device).split(K) for chunk in template.split(TEXT_CHUNK)]
             features = torch.cat([clip.encode_text(chunk, prompts) for chunk in chunks])  # (T·K, E)
             features = features.float().view(len(templates), K, -1)  # (T, K, E)
             if len(templates) > 1:  # ZeroshotCLIP2: mean of the per-template unit vectors (ZeroshotCLIP: one template)

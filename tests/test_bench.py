@@ -37,6 +37,8 @@ def test_layout_builds_the_released_parameter_count(name):
     (["--batch-size", "0"], "--batch-size"),
     (["--precision", "amp,fp16"], "'fp16'"),
     (["--loader-only", "--no-loader"], "not allowed"),
+    (["--text-side", "coop16,coop3"], "unknown --text-side arm 'coop3'"),
+    (["--coop-run"], "--coop-run is part of --text-side"),
 ])
 def test_bad_input_is_one_line_and_exit_code_2(argv, says, capsys):
     assert bench.main(argv) == 2
@@ -91,3 +93,16 @@ def test_eval_prompts_times_upt_evaluation_both_ways(tiny_checkpoint, capsys):
     assert bench.main(["--backbone", tiny_checkpoint, "--eval-prompts", "150", "--classes", "3"]) == 0
     out = capsys.readouterr().out
     assert "UPT evaluation, 150 images, K=3" in out and "| once per batch |" in out and "| once per evaluation |" in out
+
+
+def test_text_side_prints_plain_and_prefix_side_by_side(tiny_checkpoint, capsys):
+    arms = ["coop16", "coop4", "cocoop1", "cocoop4", "upt"]
+    assert bench.main(["--backbone", tiny_checkpoint, "--text-side", ",".join(arms), "--classes", "3",
+                       "--steps", "1", "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "| arm | K | plain ms | prefix ms | speed-up |" in out
+    rows = [line[2:-2].split(" | ") for line in out.splitlines() if line[2:].split(" | ")[0] in arms]
+    assert [cells[0] for cells in rows] == arms and {cells[1] for cells in rows} == {"3"}
+    for cells in rows:
+        assert float(cells[2]) > 0 and float(cells[3]) > 0 and cells[4].endswith("x")
+        assert float(cells[8]) < 1e-4  # the two paths' gradients agree up to float rounding

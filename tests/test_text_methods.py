@@ -263,8 +263,8 @@ def test_cocoop_chunking_and_per_image_conditioning(vit):
         features = vit.encode_image(images_for(vit, n=5))
         full = model.forward_features(features)
         for max_sequences in (1, 2 * len(NAMES) + 1):  # one image per chunk; two per chunk with a short last one
-            model.max_sequences = max_sequences
-            torch.testing.assert_close(model.forward_features(features), full, rtol=0, atol=1e-6)
+            model.max_sequences = max_sequences  # matmuls over fewer rows (prefixes, suffix buckets) round differently
+            torch.testing.assert_close(model.forward_features(features), full, rtol=0, atol=1e-5)
         # one image alone: the meta-net's matmul on 1 row rounds differently from 5 rows
         torch.testing.assert_close(model.forward_features(features[3:4]), full[3:4], rtol=0, atol=1e-5)
     assert not torch.allclose(full[0], full[1])
@@ -279,7 +279,7 @@ def test_zeroshot_ensemble_and_chunking(vit, monkeypatch):
                                 for t in templates])  # (T, K, E)
     model = ZeroShot(vit, NAMES, templates=templates)
     torch.testing.assert_close(model.text_features, F.normalize(per_template.mean(0), dim=-1), rtol=0, atol=1e-6)
-    monkeypatch.setattr(zeroshot, "TEXT_CHUNK", 5)  # 12 texts in chunks of 5, 5, 2
+    monkeypatch.setattr(zeroshot, "TEXT_CHUNK", 3)  # each template's 4 texts in chunks of 3, 1
     torch.testing.assert_close(ZeroShot(vit, NAMES, templates=templates).text_features, model.text_features,
                                rtol=0, atol=1e-6)
 
