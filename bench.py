@@ -180,7 +180,7 @@ def bench_method(clip, margs, K, precision, batch, args, device):
     _, autocast, scaler, _ = train.setup_precision(precision, device)
     torch.cuda.empty_cache()  # the previous row's model is gone: its cached blocks too
     try:
-        model = train.build_method(margs, clip, [f"class name {i}" for i in range(K)]).to(device)  # 3-4 BPE tokens
+        model = runs.build_method(margs, clip, [f"class name {i}" for i in range(K)]).to(device)  # 3-4 BPE tokens
     except clip_model.CLIPError as e:  # e.g. VPT on a ResNet
         return [f"not run: {e}"] + blank
     model.train()
@@ -361,7 +361,7 @@ def coop_run(clip, args):
 @torch.no_grad()
 def eval_prompts(clip, n_images, K, device, repeats=3):
     """-> best-of-`repeats` seconds of UPT evaluating n_images, θ + text features once per batch, then once in all."""
-    model = train.build_method(method_args("upt"), clip, [f"class name {i}" for i in range(K)]).to(device).eval()
+    model = runs.build_method(method_args("upt"), clip, [f"class name {i}" for i in range(K)]).to(device).eval()
     images = torch.randn(n_images, 3, clip.visual.input_resolution, clip.visual.input_resolution, device=device)
     ways = {"once per batch": lambda: [model(b) for b in images.split(100)],
             "once per evaluation": lambda: [model(b, prepared) for prepared in [model.prepare()]
@@ -414,7 +414,7 @@ def main(argv=None):
                     [[way, f"{t * 1000:.1f}", f"{t / per_evaluation:.2f}x"] for way, t in seconds.items()]))
     if args.text_side:
         memory = "peak mem" if device == "cuda" else "saved for backward"
-        autocast, _, precision = train.setup_precision(args.precision[0], device)
+        _, autocast, _, precision = train.setup_precision(args.precision[0], device)
         print(f"\nText side of a step (forward + backward from image features), plain vs prefix path, "
               f"{precision}, minimum of {args.steps} after {args.warmup} warm-up, interleaved; memory: "
               f"{'CUDA peak' if device == 'cuda' else 'activations autograd saves (CPU), frozen weights excluded'}; "

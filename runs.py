@@ -292,6 +292,33 @@ def too_long(e, args, classnames):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The method named by --method, built from the resolved options (the constructors' other defaults are the papers')
+
+def build_method(args, clip, classnames):
+    """The method named by --method, with the resolved settings."""
+    if args.method == "zeroshot":
+        if args.random_length:  # randtoken, randembed
+            return ZeroShot(clip, classnames, templates=args.templates, random_prompt=RANDOM_PROMPTS[args.prompt],
+                            n_random=args.random_length, seed=args.seed)
+        return ZeroShot(clip, classnames, templates=args.templates)
+    if args.method == "coop":
+        return CoOp(clip, classnames, n_ctx=args.n_ctx, ctx_init=args.ctx_init, csc=args.csc,
+                    class_token_position=args.class_token_position)
+    if args.method == "cocoop":
+        return CoCoOp(clip, classnames, n_ctx=args.n_ctx, ctx_init=args.ctx_init)
+    if args.method in ("vpt_shallow", "vpt_deep"):
+        return VPT(clip, classnames, n_ctx=args.n_ctx, deep=args.method == "vpt_deep", template=args.template,
+                   released_code=args.released_code)
+    if args.method.startswith("upt"):
+        variant = {"upt": "attention", "upt_joint": "joint", "upt_shared": "shared", "upt_mlp": "mlp"}[args.method]
+        read = {key: getattr(args, key) for key in ("depth", "released_code") if reads(args.method, key)}
+        return UPT(clip, classnames, n_ctx=args.n_ctx, variant=variant, **read)  # joint: depth 1, not released
+    if args.method == "linear_probe":  # weights come from fit_linear_probe or a checkpoint
+        return LinearProbe(clip, torch.zeros(len(classnames), clip.visual.output_dim), torch.zeros(len(classnames)))
+    return LinearFT(clip, classnames, template=args.template)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Progress of long loops: in place on a terminal, a plain line per quarter in a log file; silent for the first 2 s
 
 def progress(iterable, total, what):

@@ -25,16 +25,11 @@ import torch.nn.functional as F
 import clip_model
 import data
 from features import FeatureBank, backbone_weights, image_features
-from linear_ft import LinearFT, LinearProbe, fit_linear_probe
-from runs import (METHODS, PROMPTS, RANDOM_PROMPTS, TRAINED, Interrupted, RunError, append_rows, checkpoint_of,
-                  describe, diverged, git_commit, hold_run, load_checkpoint, load_data, load_trainable, progress, reads,
-                  resolve, restrict_to_classes, resume, run_dir, run_id, save_atomic, settings_of, too_long,
+from linear_ft import fit_linear_probe
+from runs import (METHODS, POSITIONS, PROMPTS, TRAINED, Interrupted, RunError, append_rows, build_method,
+                  checkpoint_of, describe, diverged, git_commit, hold_run, load_checkpoint, load_data, load_trainable,
+                  progress, resolve, restrict_to_classes, resume, run_dir, run_id, save_atomic, settings_of, too_long,
                   trainable_state)
-from cocoop import CoCoOp
-from coop import POSITIONS, CoOp
-from upt import UPT
-from vpt import VPT
-from zeroshot import ZeroShot
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -113,33 +108,6 @@ def setup_precision(precision, device):
     scaler = torch.amp.GradScaler(device, enabled=amp and dtype == torch.float16)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return Compute(device, autocast, scaler, str(dtype).replace("torch.", "amp ") if amp else "fp32")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Model: the method's nn.Module around a frozen CLIP (the method protocol is documented in runs.py, beside METHODS)
-
-def build_method(args, clip, classnames):
-    """The method named by --method, with the resolved settings."""
-    if args.method == "zeroshot":
-        if args.random_length:  # randtoken, randembed
-            return ZeroShot(clip, classnames, templates=args.templates, random_prompt=RANDOM_PROMPTS[args.prompt],
-                            n_random=args.random_length, seed=args.seed)
-        return ZeroShot(clip, classnames, templates=args.templates)
-    if args.method == "coop":
-        return CoOp(clip, classnames, n_ctx=args.n_ctx, ctx_init=args.ctx_init, csc=args.csc,
-                    class_token_position=args.class_token_position)
-    if args.method == "cocoop":
-        return CoCoOp(clip, classnames, n_ctx=args.n_ctx, ctx_init=args.ctx_init)
-    if args.method in ("vpt_shallow", "vpt_deep"):
-        return VPT(clip, classnames, n_ctx=args.n_ctx, deep=args.method == "vpt_deep", template=args.template,
-                   released_code=args.released_code)
-    if args.method.startswith("upt"):
-        variant = {"upt": "attention", "upt_joint": "joint", "upt_shared": "shared", "upt_mlp": "mlp"}[args.method]
-        read = {key: getattr(args, key) for key in ("depth", "released_code") if reads(args.method, key)}
-        return UPT(clip, classnames, n_ctx=args.n_ctx, variant=variant, **read)  # joint: depth 1, not released
-    if args.method == "linear_probe":  # weights come from fit_linear_probe or a checkpoint
-        return LinearProbe(clip, torch.zeros(len(classnames), clip.visual.output_dim), torch.zeros(len(classnames)))
-    return LinearFT(clip, classnames, template=args.template)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,6 @@ import clip_model
 import data
 import figures
 import runs
-import train
 from coop import CoOp
 from linear_ft import LinearFT
 from upt import UPT
@@ -40,7 +39,7 @@ def load_trained(path, device):
     checkpoint = runs.load_checkpoint(path)
     args = argparse.Namespace(**checkpoint["args"], classnames=checkpoint["classnames"])
     clip, _ = clip_model.load(args.backbone, device)
-    model = train.build_method(args, clip, checkpoint["classnames"]).to(device)
+    model = runs.build_method(args, clip, checkpoint["classnames"]).to(device)
     runs.load_trainable(model, checkpoint["model"], path)
     return model.eval(), args
 
