@@ -246,9 +246,9 @@ class Transformer(nn.Module):
 
     def forward(self, x, deep_prompts=(), rows=None):
         """The plain path. x: (N, L, D) -> (N, L, D). deep_prompts[i - 1] ((n, D) or (N, n, D)) replaces tokens 1..n
-        at the input of block i: the outputs of the previous layer's prompts are discarded (VPT-deep, UPT Eq. (4) with
-        layer-wise V^i). rows: (N,) the one token per sequence that is read (the ViT's CLS) -> (N, D): the last block
-        computes the other tokens' keys and values only, not their outputs."""
+        at the input of block i: the outputs of the previous layer's prompts are discarded (VPT-deep's layer-wise V^i).
+        rows: (N,) the one token per sequence that is read (the ViT's CLS) -> (N, D): the last block computes the other
+        tokens' keys and values only, not their outputs."""
         if len(deep_prompts) >= self.layers:
             raise CLIPError(f"{len(deep_prompts) + 1} prompt layers given, but the encoder has only {self.layers}")
         for i, block in enumerate(self.resblocks):
@@ -388,18 +388,18 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     def forward(self, x, prompts=None, after_ln_pre=False):
-        """prompts: None or (depth, n, D) / (depth, B, n, D). Eq. (4): prompts[0] is inserted between CLS and the
+        """prompts: None or (depth, n, D) / (depth, B, n, D). prompts[0] is inserted between CLS and the
         patches before ln_pre (after it with after_ln_pre=True, as the UPT release's VPT-deep), with no positional
         embedding; prompts[i] replaces them at the input of block i."""
         x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, N, D): N = (H / patch) * (W / patch)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1 + N, D)
         read = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)  # (B,): CLS, the only token read
-        if prompts is None:
+        if prompts is None:  # UPT Eq. (3): [c, Z] through the layers
             x = self.transformer(self.ln_pre(x), rows=read)
         elif after_ln_pre:
             x = self.transformer(insert_prompts(self.ln_pre(x), prompts[0], replace=False), prompts[1:], read)
-        else:
+        else:  # Eq. (4): [c, V, Z] through the layers
             x = self.transformer(self.ln_pre(insert_prompts(x, prompts[0], replace=False)), prompts[1:], read)
         return self.ln_post(x) @ self.proj  # (B, E)
 

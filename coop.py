@@ -12,14 +12,15 @@ POSITIONS = ("end", "middle", "front")
 
 
 class CoOp(nn.Module):
-    """ctx_init (e.g. "a photo of a"): ctx starts from those words' embeddings, all their BPE tokens when n_ctx=None; a
-    smaller n_ctx learns the first n_ctx tokens and keeps the rest as fixed words, CoOp's reading (its n_ctx is the word
-    count: "an itap of a" is 5 tokens, pass n_ctx=4). Otherwise ctx is n_ctx (default 16) vectors drawn from
-    N(0, 0.02²) by the global torch RNG that train.py seeds: reproducible per seed, but not the official code's draw
-    (its CLIP constructor consumes the RNG differently). csc: one context per class, (K, n_ctx, D); with ctx_init each
-    class learns its own copy of the words, while CoOp's code ignores csc (drop csc for its one shared context).
-    class_token_position: "end", "middle" or "front"; as in CoOp, a class name's length is that of the name tokenized
-    alone.
+    """Options (CoOp's defaults):
+    - n_ctx: learned context tokens t_1..t_m (16), drawn from N(0, 0.02²) by the global torch RNG that train.py seeds.
+    - ctx_init: words whose embeddings start the context (e.g. "a photo of a"): all their BPE tokens are learned, or
+      only the first n_ctx when n_ctx is given, the rest kept as fixed words ("an itap of a" is 5 tokens: n_ctx=4).
+    - csc: one context per class; class_token_position: "end", "middle" or "front".
+    Shapes: ctx (n_ctx, D), or (K, n_ctx, D) with csc; tokenized_prompts (K, 77): [SOS, X..X, CLASS, ., EOT, 0..].
+    vs CoOp's code: the random context is not its draw (its CLIP constructor consumes the RNG differently); with
+    ctx_init, csc gives each class its own copy of the words, where CoOp ignores csc (drop csc for its behaviour); as in
+    CoOp, a class name's length is that of the name tokenized alone, and n_ctx is its word count.
     """
 
     def __init__(self, clip, classnames, *, n_ctx=None, ctx_init="", csc=False, class_token_position="end"):
@@ -40,6 +41,9 @@ class CoOp(nn.Module):
             nn.init.normal_(ctx, std=0.02)
             prefix = " ".join(["X"] * n_ctx)  # placeholders, replaced by ctx
         self.ctx = nn.Parameter(ctx)
+        before_class = len(clip_model.tokenize(prefix)[0].nonzero()) - 2  # ctx and any fixed init words after it
+        kept = 0 if csc else {"end": before_class, "middle": n_ctx // 2, "front": 0}[class_token_position]
+        self.shared = 1 + kept  # [SOS, t_1..] the same in every prompt: the text encoder computes them once
         names = [name.replace("_", " ") for name in classnames]
         texts = [f"{prefix} {name}." for name in names]
         tokens = clip_model.tokenize(texts, context_length=clip.context_length).to(clip.logit_scale.device)  # (K, L)
@@ -63,20 +67,18 @@ class CoOp(nn.Module):
         return target.argsort(dim=1)  # (K, L): new position -> end-layout position
 
     def prompt_embeddings(self):
-        """-> (K, L, D) input embeddings: ctx in place of tokens 1..n_ctx (end layout), then the middle/front order."""
-        x = clip_model.insert_prompts(self.clip.token_embedding(self.tokenized_prompts), self.ctx, replace=True)
+        """-> (K, L, D) input embeddings: the end layout as CoOp's torch.cat([prefix, ctx, suffix]), reordered by a
+        gather for middle/front."""
+        embedding = self.clip.token_embedding(self.tokenized_prompts)  # (K, L, D): [SOS, X..X, CLASS, ., EOT, 0..]
+        ctx = self.ctx.expand(embedding.shape[0], -1, -1)  # (K, n_ctx, D): one context shared, or one per class
+        prefix, suffix = embedding[:, :1], embedding[:, 1 + ctx.shape[1]:]  # [SOS], [CLASS, ., EOT, 0..]
+        x = torch.cat([prefix, ctx, suffix], dim=1)  # Eq. (2): [SOS, t_1..t_m, CLASS, ., EOT]
         return x if self.class_token_position == "end" else x.gather(1, self.order[..., None].expand_as(x))
 
     def text_features(self):
         """-> (K, E) text features of the K prompts; they depend on ctx, so every call recomputes them."""
-        if self.class_token_position == "end":  # Eq. (2): [SOS, t_1..t_m, CLASS, ., EOT]
-            prompts = self.ctx[None]  # (1, n_ctx, D) or (1, K, n_ctx, D): replace the X placeholders
-            return self.clip.encode_text(self.tokenized_prompts, prompts=prompts)
-        # the first 1 + h positions, [SOS, ctx[:h]], are the same in every prompt: h = n_ctx // 2 for a shared
-        # context in the middle layout, else 0 (front; CSC): the text encoder computes them once
-        h = self.ctx.shape[-2] // 2 if self.class_token_position == "middle" and self.ctx.dim() == 2 else 0
         eot = self.tokenized_prompts.argmax(dim=-1)  # (K,)
-        return self.clip.encode_token_embeddings(self.prompt_embeddings(), eot, shared=1 + h)
+        return self.clip.encode_token_embeddings(self.prompt_embeddings(), eot, shared=self.shared)
 
     def forward_features(self, image_features):
         """image_features: raw clip.encode_image output (B, E) -> logits (B, K); text features computed once."""

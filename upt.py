@@ -49,22 +49,23 @@ class Theta(nn.Module):
 # UPT
 
 class UPT(nn.Module):
-    """Unified prompts U (depth, 2 * n_ctx, D = text width), init normal(0.02), for the first `depth` layers of both
-    encoders. θ(U) is split into Û_t (first n tokens, width D, no projection) and Û_v (last n, Linear(D -> Dv) as
-    released; the paper mentions no projection). Text: "X X X X {class}.", Û_t replaces the n X's at layer 0
-    (positions 1..n) and their outputs deeper; vision: Û_v after CLS, before ln_pre, no position (see clip_model).
-
-    Deliberate differences from the released code (trainers/unified.py, Unified_v6), undone by released_code=True:
-    Eq. (5) as printed, with attention across the 2n tokens; θ run once per forward (the release runs it once per
-    modality, so train-mode dropout masks differ); any n_ctx (the release hard-codes 4); depth > 1 (the paper's
-    layer-wise U^i). released_code=True needs variant="attention" and depth=1. Both wirings hold the same 1,976,064
-    parameters for n_ctx=4, D=512, Dv=768.
-
-    Ablations of §3.3 (not in the release): "joint" = CoOp text prompts (1, n, D), normal(0.02), plus VPT-deep visual
-    prompts (L_v, n, Dv), VPT init, trained together (the release notes' "vpt-deep + coop, separate"; depth=1 only);
-    "shared" = one U (depth, n, D) fed as is to the text encoder and, through UPT's Linear(D -> Dv) as the widths
-    differ, to the ViT, no θ; "mlp" = θ replaced by two per-token layers Linear(D, D)-ReLU-Linear(D, D), no dropout
-    (`dropout` is θ's only).
+    """Shapes:
+    - U: (depth, 2 * n_ctx, D = text width), init normal(0.02), for the first `depth` layers of both encoders.
+    - θ(U) -> Û_t, the first n tokens (width D, no projection), and Û_v, the last n through Linear(D -> Dv) (as
+      released; the paper mentions no projection).
+    - Text "X X X X {class}.": Û_t replaces the n X's at layer 0 (positions 1..n) and their outputs deeper. Vision: Û_v
+      after CLS, before ln_pre, without position embedding (clip_model.VisionTransformer).
+    vs the released code (trainers/unified.py, Unified_v6), each undone by released_code=True (which needs
+    variant="attention" and depth=1):
+    - Eq. (5) as printed, with attention across the 2n tokens;
+    - θ runs once per forward (the release runs it once per modality, so train-mode dropout masks differ);
+    - any n_ctx (the release hard-codes 4) and depth > 1 (the paper's layer-wise U^i).
+    Both wirings hold the same 1,976,064 parameters for n_ctx=4, D=512, Dv=768.
+    Ablations of §3.3 (not in the release):
+    - "joint": CoOp text prompts (1, n, D), normal(0.02), plus VPT-deep visual prompts (L_v, n, Dv), VPT init, trained
+      together (the release notes' "vpt-deep + coop, separate"); depth=1 only.
+    - "shared": one U (depth, n, D) fed as is to the text encoder and, through Linear(D -> Dv), to the ViT; no θ.
+    - "mlp": θ replaced by two per-token layers Linear(D, D)-ReLU-Linear(D, D), no dropout (`dropout` is θ's only).
     """
 
     def __init__(self, clip, classnames, *, n_ctx=4, depth=1, variant="attention", released_code=False, dropout=0.1):
@@ -121,5 +122,5 @@ class UPT(nn.Module):
 
     def forward(self, images, prepared=None):
         visual_prompts, text_features = self.prepare() if prepared is None else prepared
-        image_features = F.normalize(self.clip.encode_image(images, visual_prompts), dim=-1)  # Eq. (4): (B, E)
+        image_features = F.normalize(self.clip.encode_image(images, visual_prompts), dim=-1)  # (B, E)
         return self.clip.logit_scale.exp() * image_features @ text_features.t()  # Eq. (1): (B, K)

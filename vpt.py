@@ -42,5 +42,5 @@ class VPT(nn.Module):
         self.register_buffer("text_features", text_features, persistent=False)
 
     def forward(self, images):
-        image_features = F.normalize(self.clip.encode_image(images, self.prompts, self.after_ln_pre), dim=-1)  # Eq. (4)
+        image_features = F.normalize(self.clip.encode_image(images, self.prompts, self.after_ln_pre), dim=-1)
         return self.clip.logit_scale.exp() * image_features @ self.text_features.t()  # Eq. (1): (B, K)
