@@ -883,7 +883,7 @@ def test_weights_replaced_between_two_runs_of_one_process_are_hashed_again(folde
 @pytest.mark.parametrize("how", ["a file", "permission denied"])
 def test_a_feature_store_that_cannot_be_written_warns_once_and_the_run_goes_on(how, folder, vit_checkpoint, tmp_path,
                                                                                monkeypatch, capsys):
-    reference = run("coop", folder, vit_checkpoint, tmp_path / "reference")
+    reference = run("coop", folder, vit_checkpoint, tmp_path / "reference", no_feature_bank=True)  # from images
     out = tmp_path / "out"
     os.makedirs(out)
     if how == "a file":
@@ -904,7 +904,8 @@ def test_a_feature_store_that_cannot_be_written_warns_once_and_the_run_goes_on(h
     assert printed.count("warning: feature bank ") == 1 and printed.count("warning: the test-feature cache ") == 1
     assert re.search(r"warning: feature bank \S+ cannot be written \((Not a directory|Permission denied)\): training "
                      r"from images", printed), printed
-    assert_same_checkpoint(checkpoint_in(out), checkpoint_in(tmp_path / "reference"))
+    ours, theirs = checkpoint_in(out)["model"], checkpoint_in(tmp_path / "reference")["model"]  # both from images
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
 
 
 def die_mid_write(path):
