@@ -4,17 +4,24 @@ numbers (UPT, arXiv:2210.07225; Rethinking the Value of Prompt Learning, ICLR 20
     python reproduce.py                                    the recipes, their run counts and epochs
     python reproduce.py upt-table2 --root DATA             run what has no result yet, one run per visible GPU
     python reproduce.py upt-table2 --root DATA --dry-run   the commands still to run
-    python reproduce.py upt-table2 --slurm runs.sh         the same as a Slurm array job
+    python reproduce.py upt-table2 --root DATA --slurm runs.sh [--partition P --time 2-00:00:00 ...]
+                                                           the same as a Slurm array job, a task per training subset
     python reproduce.py upt-table2 --report [--csv t.csv]  mean ± std over seeds beside the paper's number
     python reproduce.py upt-fig4 --report --plot figs      the recipe's figures as SVG files (figures.py)
+    python reproduce.py upt-fig4 --datasets dtd --shots 1 --seeds 1 --epochs 2    a smaller grid (a smoke test)
 
 A run is done when results.jsonl has a row for each of its evaluation targets (train.plan says which), so a rerun does
 only what is missing: after a crash, a failed run, or a new dataset. A recipe is a plain dict: its runs (the train.py
-options of each, and the table cell each evaluation fills) and its tables (layout, published numbers).
+options of each, and the table cell each evaluation fills) and its tables (layout, published numbers). Before any run
+is launched or any script written, every dataset, backbone and the output folder are checked once (preflight).
 """
 import argparse
+import contextlib
 import csv
 import difflib
+import functools
+import inspect
+import io
 import json
 import math
 import os
@@ -28,6 +35,8 @@ import time
 
 import torch
 
+import clip_model
+import data
 import figures
 import runs
 import train
@@ -452,6 +461,75 @@ RECIPES = {
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The grid of one command line: a recipe rebuilt with --datasets/--shots/--seeds/--backbone, train.py options added
+
+GRID = {"datasets": ["datasets"], "shots": ["shots"], "seeds": ["seeds", "seed"], "backbone": ["backbone", "backbones"]}
+PASSED = ["epochs", "lr", "batch_size", "precision", "workers", "compile"]  # train.py options given to the runs
+
+
+def items_of(option, text, cast=str):
+    """A comma-separated option value -> its items, each checked."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    try:
+        items = [cast(x) for x in items]
+    except ValueError:
+        raise RecipeError(f"--{option} takes comma-separated whole numbers (got {text!r})") from None
+    if not items or (cast is int and min(items) < 1):
+        raise RecipeError(f"--{option} takes comma-separated " + ("numbers of at least 1" if cast is int else "names")
+                          + f" (got {text!r})")
+    return items
+
+
+def build(name, args):
+    """RECIPES[name], or, with a grid option, the recipe's function (its name, - for _) called with those values."""
+    given = {key: getattr(args, key) for key in GRID if getattr(args, key) is not None}
+    if not given:
+        return RECIPES[name]
+    function = globals().get(name.replace("-", "_"))
+    parameters = inspect.signature(function).parameters if name in RECIPES and callable(function) else {}
+    kwargs = {}
+    for key, text in given.items():
+        parameter = next((p for p in GRID[key] if p in parameters), None)
+        if parameter is None:
+            raise RecipeError(f"--{key}: recipe {name} fixes it (the paper's setting): drop --{key}")
+        items = items_of(key, text, int if key in ("shots", "seeds") else str)
+        for d in items if key == "datasets" else []:
+            if not d.startswith("folder:") and d not in data.DATASETS:
+                close = difflib.get_close_matches(d, data.DATASETS, n=1)
+                raise RecipeError(f"--datasets: unknown dataset {d!r}" + (f" (did you mean {close[0]!r}?)" if close
+                                  else "") + f"; use {', '.join(data.DATASETS)} or folder:/path")
+        if parameter in ("seed", "backbone") and len(items) > 1:
+            raise RecipeError(f"--{key}: recipe {name} takes one value (got {text!r})")
+        kwargs[parameter] = items[0] if parameter in ("seed", "backbone") else items
+    return function(**kwargs)
+
+
+def with_options(name, recipe, args):
+    """The recipe with the train.py options of the command line (--epochs, --precision, ...) added to every run that
+    reads them (runs.USED_BY); an option that no run reads, or that a run sets itself (a grid), is an error."""
+    given = {key: getattr(args, key) for key in PASSED if getattr(args, key) is not None}
+    if not given:
+        return recipe
+    entries, used = [], set()
+    for entry in recipe["runs"]:
+        argv = list(entry["argv"])
+        method = argv[argv.index("--method") + 1] if entry["script"] == "train.py" else None
+        for key, value in given.items():
+            flag = runs.option(key)
+            if (method is None and key != "workers") or method not in runs.USED_BY.get(key, [method]):
+                continue  # variance.py reads --workers only; zero-shot has no --epochs
+            if flag in argv:
+                raise RecipeError(f"{flag}: recipe {name} sets it in its own runs ({entry['row']}: {flag} "
+                                  f"{argv[argv.index(flag) + 1]}): drop {flag}")
+            argv += [flag] if value is True else [flag, str(value)]
+            used.add(key)
+        entries.append(dict(entry, argv=argv))
+    for key in given.keys() - used:
+        raise RecipeError(f"{runs.option(key)} is read by no run of recipe {name}: drop it")
+    return dict(recipe, runs=entries)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Planning: each run once, its command, and whether results.jsonl already holds it
 
 def plan_recipe(name, recipe, root, output_dir):
@@ -464,7 +542,7 @@ def plan_recipe(name, recipe, root, output_dir):
             key = entry["key"]
             _, dataset, backbone, split = key
             job = dict(id=f"variance_{label(dataset)}_{backbone.replace('/', '-')}_{split}", keys=[key],
-                       checkpoint=None, subset=key, epochs=0)
+                       checkpoint=None, subset=(dataset, "all", None, None, backbone), epochs=0)  # beside zero-shot
             keys = [key, key]
         else:
             try:
@@ -474,8 +552,9 @@ def plan_recipe(name, recipe, root, output_dir):
             s = p["settings"]
             keys = [(p["run_id"], *target) for target in p["targets"]]
             resumable = s["method"] not in ("zeroshot", "linear_probe")  # train.py: --resume needs epochs to resume
+            seed = s["seed"] if s["shots"] else None  # zero-shot runs of a dataset (random prompts too) go together
             job = dict(id=p["run_id"], keys=keys, checkpoint=os.path.join(p["run_dir"], "checkpoint.pt") if resumable
-                       else None, subset=(s["dataset"], s["subsample"], s["shots"], s["seed"], s["backbone"]),
+                       else None, subset=(s["dataset"], s["subsample"], s["shots"], seed, s["backbone"]),
                        epochs=s["epochs"] or 0)
         if len(keys) != len(entry["columns"]):
             raise RecipeError(f"recipe {name}: {shlex.join(entry['argv'])} has {len(keys)} evaluation targets for "
@@ -639,26 +718,146 @@ def run_all(jobs, gpus, output_dir):
     return failed
 
 
-def write_slurm(path, name, commands, output_dir, argv):
-    """A Slurm array job: task i runs commands[i] (one GPU each)."""
-    lines = ["#!/bin/bash",
-             f"#SBATCH --job-name={name}",
-             f"#SBATCH --array=0-{len(commands) - 1}",
-             "#SBATCH --gres=gpu:1",
-             "#SBATCH --cpus-per-task=8",
-             f"#SBATCH --output={os.path.join(output_dir, 'logs', 'slurm-%A_%a.log')}",
-             f"# {len(commands)} runs still missing, written by: {shlex.join(['python', 'reproduce.py', *argv])}",
-             "# add #SBATCH lines for your cluster (partition, time); rerun the line above after failures",
-             f"cd {shlex.quote(HERE)}",
-             "RUNS=(",
-             *(f"  {shlex.quote(shlex.join(c))}" for c in commands),
-             ")",
-             'eval "${RUNS[$SLURM_ARRAY_TASK_ID]}"']
+# ----------------------------------------------------------------------------------------------------------------------
+# Preflight: what every run needs, checked once before anything is launched (a cluster would fail task by task)
+
+def preflight(jobs, output_dir):
+    """-> one line per problem: a dataset train.py would refuse (its own up-front checks), a backbone that does not
+    load (an official one is downloaded and cached here, once, so that tasks never race for it), an output folder that
+    cannot be written."""
+    problems = []
+    try:
+        os.makedirs(os.path.join(output_dir, "logs"), exist_ok=True)
+        with open(os.path.join(output_dir, f".preflight.{os.getpid()}"), "w"):
+            pass
+        os.remove(os.path.join(output_dir, f".preflight.{os.getpid()}"))
+    except OSError as e:
+        problems.append(f"cannot write under {output_dir} ({e.strerror or e}): choose another --output-dir")
+    checked, failed, backbones = set(), set(), {}
+    for job in jobs:
+        argv, names = job["command"][2:], []
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # data.py's one line per dataset
+                if job["command"][1] == "variance.py":
+                    _, dataset, backbone, split = job["keys"][0]
+                    names, check = [dataset], lambda: data.load_dataset(dataset, argv[argv.index("--root") + 1],
+                                                                        check_splits=(split,))
+                else:
+                    args = runs.resolve(train.parse_args(argv))
+                    backbone, names = args.backbone, [name for name, _ in runs.eval_targets(args)]
+                    check = functools.partial(runs.load_data, args)
+                backbones.setdefault(backbone, job)
+                what = (tuple(names), job["subset"])
+                if what in checked or failed & set(names):
+                    continue
+                checked.add(what)
+                check()
+        except (runs.RunError, data.DataError, ValueError, OSError) as e:
+            failed.update(names)
+            if str(e) not in problems:
+                problems.append(str(e))
+    for backbone in backbones:
+        try:
+            clip_model.load(backbone, "cpu")
+        except (clip_model.CLIPError, OSError, RuntimeError, ValueError) as e:
+            problems.append(f"--backbone {backbone}: {clip_model.one_line(e)}")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Slurm: one array task per training subset, in chunks that fit the cluster's MaxArraySize
+
+def tasks_of(jobs):
+    """Jobs in plan order -> array tasks: the runs of one training subset (dataset, subsample, shots, seed, backbone),
+    in the plan's order (longest epoch budget first: one task builds the subset's feature bank, the others read it);
+    a dataset's zero-shot runs (and its variance run) share one task."""
+    tasks = {}
+    for job in jobs:
+        tasks.setdefault(job["subset"], []).append(job)
+    return list(tasks.values())
+
+
+def chunks(n_tasks, max_array):
+    """-> [(first task, task count)]: array indices run from 0 to at most max_array - 1 (MaxArraySize caps the highest
+    index, not the count), and the script adds the chunk's first task."""
+    return [(start, min(max_array, n_tasks - start)) for start in range(0, n_tasks, max_array)]
+
+
+def submit_lines(path, n_tasks, max_array, throttle=None):
+    """The sbatch commands that submit every task: the script's own --array for the first chunk, then one per chunk."""
+    limit = f"%{throttle}" if throttle else ""
+    return [f"sbatch {shlex.quote(path)}" if start == 0 else
+            f"sbatch --array=0-{count - 1}{limit} {shlex.quote(path)} {start}"
+            for start, count in chunks(n_tasks, max_array)]
+
+
+def sbatch_lines(name, n_tasks, output_dir, opts):
+    """The #SBATCH directives: job name, the first chunk's array, resources, the log of each task."""
+    lines = [f"--job-name={name}",
+             f"--array=0-{min(n_tasks, opts.max_array) - 1}" + (f"%{opts.throttle}" if opts.throttle else "")]
+    if opts.gres:
+        lines.append(f"--gres={opts.gres}")
+    elif opts.gpus_per_task:
+        lines.append(f"--gres=gpu:{opts.gpus_per_task}")  # one task per job: --gres works on cons_res and cons_tres
+    lines.append(f"--cpus-per-task={opts.cpus_per_task}")
+    lines += [f"--{key}={value}" for key, value in [("partition", opts.partition), ("time", opts.time),
+                                                    ("account", opts.account)] if value]
+    extra = []
+    for token in shlex.split(opts.sbatch or ""):  # --sbatch "--qos=high --mem 64G": one directive per option
+        if token.startswith("-") or not extra:
+            extra.append(token)
+        else:
+            extra[-1] += f" {shlex.quote(token)}"
+    lines += extra
+    lines += [f"--output={os.path.join(output_dir, 'logs', 'slurm-%A_%a.log')}", "--open-mode=append"]
+    return [f"#SBATCH {line}" for line in lines]
+
+
+def write_slurm(path, name, tasks, output_dir, opts, again):
+    """A Slurm array job: task i runs the runs of tasks[i] one after another with the Python that wrote the script,
+    each appending to OUTPUT/logs/<run id>.log as the local runner does, and continuing from its checkpoint if one
+    exists when the task starts (a requeue, a preemption, a rerun), from scratch otherwise."""
+    n_runs = sum(map(len, tasks))
+    lines = ["#!/bin/bash", *sbatch_lines(name, len(tasks), output_dir, opts),
+             f"# {name}: {n_runs} runs still missing, in {len(tasks)} array tasks (a task: the runs of one training "
+             "subset), written by:",
+             f"#   {again}",
+             "# Submit every task (array indices start at 0 in each chunk; the argument is the chunk's first task):",
+             *(f"#   {line}" for line in submit_lines(path, len(tasks), opts.max_array, opts.throttle)),
+             "# After failures, cancels or a time limit, run the command above again: it writes only what is missing.",
+             f"cd {shlex.quote(HERE)} || exit 1",
+             "export PYTHONUNBUFFERED=1",
+             'TASK=$((SLURM_ARRAY_TASK_ID + ${1:-0}))',
+             "FAILED=0",
+             "run() {  # run LOG CHECKPOINT COMMAND...: the command's output appended to LOG, --resume if CHECKPOINT exists",
+             '  local log=$1 checkpoint=$2',
+             "  shift 2",
+             '  if [ -n "$checkpoint" ] && [ -f "$checkpoint" ]; then set -- "$@" --resume; fi',
+             '  echo "$(date "+%F %T") task $TASK: $(printf "%q " "$@")> $log"',
+             '  echo "\\$ $(printf "%q " "$@")" >> "$log"',
+             '  "$@" >> "$log" 2>&1',
+             "  local code=$?",
+             '  echo "$(date "+%F %T") exit $code"',
+             '  [ $code -eq 0 ] || FAILED=1',
+             "}",
+             'case "$TASK" in']
+    for i, task in enumerate(tasks):
+        lines.append(f"{i})")
+        for job in task:
+            command = [sys.executable, *job["command"][1:]]
+            log = os.path.join(output_dir, "logs", f"{job['id']}.log")
+            lines.append(f"  run {shlex.quote(log)} {shlex.quote(job['checkpoint'] or '')} {shlex.join(command)}")
+        lines.append("  ;;")
+    lines += [f'*) echo "task $TASK: this script has tasks 0-{len(tasks) - 1}"; exit 2 ;;', "esac", 'exit $FAILED']
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.join(output_dir, "logs"), exist_ok=True)  # Slurm does not create the --output folder
-        with open(path, "w") as f:
+        with open(tmp, "w") as f:
             f.write("\n".join(lines) + "\n")
+        os.replace(tmp, path)
     except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
         raise RecipeError(f"cannot write {path} ({e.strerror or e}): choose another path") from None
 
 
@@ -792,7 +991,7 @@ def format_table(spec, cells):
     return "\n".join(lines)
 
 
-def report(name, recipe, cells, results, csv_path=None, limit=20, plot_dir=None):
+def report(name, recipe, cells, results, csv_path=None, limit=20, plot_dir=None, hint=None):
     tables, missing = compute(recipe, cells, results)
     print(f"{name}: {recipe['title']}")
     print("cells: mean±std over seeds (std: sample standard deviation, ddof=1; one seed: no std); * fewer runs than "
@@ -804,7 +1003,8 @@ def report(name, recipe, cells, results, csv_path=None, limit=20, plot_dir=None)
         print(format_table(spec, tables[spec["name"]]))
     print()
     if missing:
-        print(f"missing: {len(missing)} cells lack runs (python reproduce.py {name} --dry-run lists them)")
+        print(f"missing: {len(missing)} cells lack runs ({hint or f'python reproduce.py {name} --dry-run'} lists "
+              "them)")
         for line in missing[:limit]:
             print(f"  {line}")
         if len(missing) > limit:
@@ -872,48 +1072,119 @@ def listing():
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("recipe", nargs="?", help=f"one of: {', '.join(RECIPES)} (none: list them)")
-    p.add_argument("--root", default=os.environ.get("DATA", "DATA"), help="folder holding the datasets ($DATA), "
-                   "passed to every run")
-    p.add_argument("--output-dir", default="output", help="passed to every run: runs, logs/ and results.jsonl go here "
-                   "(both paths are made absolute, so the commands run from anywhere in the repository)")
+    p.add_argument("--root", help="folder holding the datasets (default $DATA, else DATA), passed to every run")
+    p.add_argument("--output-dir", help="passed to every run: runs, logs/ and results.jsonl go here (default output; "
+                   "both paths are made absolute, so the commands run from anywhere in the repository)")
     p.add_argument("--gpus", type=int, help="runs at once, each on one GPU (CUDA_VISIBLE_DEVICES=i); default: every "
                    "visible GPU, or one at a time on CPU")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", action="store_true", help="print the commands still to run (with --resume where a "
-                      "checkpoint exists), then their count")
-    mode.add_argument("--slurm", metavar="FILE", help="write a Slurm array job script, one task per run still to do")
-    mode.add_argument("--report", action="store_true", help="print the recipe's tables from results.jsonl beside the "
-                      "published numbers")
-    mode.add_argument("--list", action="store_true", help="list the recipes with their run and epoch counts")
+    p.add_argument("--dry-run", action="store_true", help="print the commands still to run (with --resume where a "
+                   "checkpoint exists), then their count")
+    p.add_argument("--slurm", metavar="FILE", help="write a Slurm array job script: a task per training subset still "
+                   "to do (see the Slurm options below)")
+    p.add_argument("--report", action="store_true", help="print the recipe's tables from results.jsonl beside the "
+                   "published numbers")
+    p.add_argument("--list", action="store_true", help="list the recipes with their run and epoch counts")
     p.add_argument("--csv", metavar="FILE", help="with --report: also write one line per cell (recipe, table, row, "
                    "column, mean, std, n, published, diff, selected)")
     p.add_argument("--plot", metavar="DIR", help="with --report: also draw the recipe's figures, one SVG file each "
                    "(few-shot curves, base/new trade-off, variance scatter), in DIR")
+    g = p.add_argument_group("the grid (default: the recipe's; a recipe that fixes a setting refuses the option)")
+    g.add_argument("--datasets", help="comma-separated dataset names or folder:/path")
+    g.add_argument("--shots", help="comma-separated shot counts, e.g. 1,16")
+    g.add_argument("--seeds", help="comma-separated seeds, e.g. 1,2,3")
+    g.add_argument("--backbone", help="OpenAI model name or checkpoint path (comma-separated for a recipe that "
+                   "compares backbones)")
+    t = p.add_argument_group("train.py options, given to every run that reads them (e.g. --epochs 1 for a smoke test)")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--precision", choices=["amp", "fp32"])
+    t.add_argument("--workers", type=int)
+    t.add_argument("--compile", action="store_true", default=None)
+    s = p.add_argument_group("with --slurm (defaults: a typical GPU cluster's)")
+    s.add_argument("--partition", help="#SBATCH --partition (default: the cluster's)")
+    s.add_argument("--time", help="#SBATCH --time of one task, e.g. 2-00:00:00 (default: the partition's)")
+    s.add_argument("--account", help="#SBATCH --account")
+    s.add_argument("--gpus-per-task", type=int, help="GPUs of each task (default 1, as --gres=gpu:1; 0: a CPU job)")
+    s.add_argument("--gres", help="#SBATCH --gres instead of --gpus-per-task, e.g. gpu:a100:1")
+    s.add_argument("--cpus-per-task", type=int, help="#SBATCH --cpus-per-task (default 8)")
+    s.add_argument("--sbatch", help="any other sbatch options, e.g. \"--qos=high --mem=64G\"")
+    s.add_argument("--max-array", type=int, help="most tasks in one array (default 1000, for Slurm's default "
+                   "MaxArraySize of 1001: indices 0-999); more tasks are submitted in chunks")
+    s.add_argument("--throttle", type=int, help="most tasks of an array running at once (--array=...%%N)")
     return p.parse_args(argv)
+
+
+SLURM = {"partition": None, "time": None, "account": None, "gpus_per_task": 1, "gres": None, "cpus_per_task": 8,
+         "sbatch": None, "max_array": 1000, "throttle": None}  # the --slurm options and their defaults
+
+
+def flag(dest):
+    return "--" + dest.replace("_", "-")
+
+
+def check_options(args):
+    """Options that do not go together, or that nothing reads, are an error naming them."""
+    modes = [flag(m) for m in ("list", "dry_run", "slurm", "report") if getattr(args, m) not in (None, False)]
+    given = [d for d, v in vars(args).items() if d != "recipe" and v not in (None, False)]
+    if len(modes) > 1:
+        raise RecipeError(f"{modes[0]} and {modes[1]} do not go together: pick one")
+    for written in ("csv", "plot"):  # --csv and --plot are written by --report (alone, they imply it)
+        if getattr(args, written) is not None and modes and modes[0] != "--report":
+            raise RecipeError(f"--{written} and {modes[0]} do not go together: --{written} is written by --report")
+    if args.list and args.recipe:
+        raise RecipeError(f"--list lists every recipe: drop {args.recipe}, or --list")
+    if not args.recipe and [d for d in given if d != "list"]:
+        option = flag(next(d for d in given if d != "list"))
+        raise RecipeError(f"{option} needs a recipe: python reproduce.py RECIPE {option} ... (python reproduce.py "
+                          "lists them)")
+    if args.gpus is not None and modes:
+        raise RecipeError(f"--gpus and {modes[0]} do not go together: --gpus is for running here")
+    for dest in SLURM:
+        if getattr(args, dest) is not None and not args.slurm:
+            raise RecipeError(f"{flag(dest)} is read by --slurm only: add --slurm FILE or drop it")
+    if args.gres is not None and args.gpus_per_task is not None:
+        raise RecipeError("--gres and --gpus-per-task do not go together: pick one")
+    for dest, least in [("gpus", 0), ("gpus_per_task", 0), ("cpus_per_task", 1), ("max_array", 1), ("throttle", 1)]:
+        if getattr(args, dest) is not None and getattr(args, dest) < least:
+            raise RecipeError(f"{flag(dest)} must be {least} or more (got {getattr(args, dest)})")
+    for dest in ("partition", "time", "account", "gres", "sbatch", "slurm"):
+        if "\n" in (getattr(args, dest) or ""):
+            raise RecipeError(f"{flag(dest)} holds a line break: give it on one line")
+
+
+def again(args, *mode):
+    """This command line for another mode: the recipe, its grid and train.py options, --root and --output-dir."""
+    argv = ["python", "reproduce.py", args.recipe]
+    for key in [*GRID, *PASSED]:
+        value = getattr(args, key)
+        argv += [] if value is None else [flag(key)] if value is True else [flag(key), str(value)]
+    return shlex.join([*argv, "--root", args.root, "--output-dir", args.output_dir, *mode])
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     try:
-        if args.list or not args.recipe:
+        check_options(args)
+        if not args.recipe or args.list:
             return listing()
         if args.recipe not in RECIPES:
             close = difflib.get_close_matches(args.recipe, RECIPES, n=1)
             raise RecipeError(f"unknown recipe {args.recipe!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
                               + f"; choose from {', '.join(RECIPES)}")
-        if args.gpus is not None and args.gpus < 0:
-            raise RecipeError(f"--gpus must be 0 or more (got {args.gpus})")
-        root, out = os.path.abspath(args.root), os.path.abspath(args.output_dir)
-        recipe = RECIPES[args.recipe]
-        jobs, cells = plan_recipe(args.recipe, recipe, root, out)
+        args.root = os.path.abspath(args.root or os.environ.get("DATA", "DATA"))
+        args.output_dir = out = os.path.abspath(args.output_dir or "output")
+        recipe = with_options(args.recipe, build(args.recipe, args), args)
+        jobs, cells = plan_recipe(args.recipe, recipe, args.root, out)
         results = read_results(out)
         if args.plot and not recipe.get("figures"):
             with_figures = [n for n, r in RECIPES.items() if r.get("figures")]
             raise RecipeError(f"recipe {args.recipe} has no figure (the paper prints it as a table): drop --plot, or "
                               f"use --csv; recipes with figures: {', '.join(with_figures)}")
         if args.report or args.csv or args.plot:
-            return report(args.recipe, recipe, cells, results, args.csv, plot_dir=args.plot)
+            return report(args.recipe, recipe, cells, results, args.csv, plot_dir=args.plot,
+                          hint=again(args, "--dry-run"))
         todo = pending(jobs, results)
         summary = f"{len(todo)} runs to do ({len(jobs) - len(todo)} of {len(jobs)} done)"
         if args.dry_run:
@@ -921,17 +1192,29 @@ def main(argv=None):
                 print(shlex.join(command_of(job)))
             print(summary)
             return
+        if args.slurm and not todo:
+            print(f"nothing to do: all {len(jobs)} runs are done; no script written. Report: "
+                  f"{again(args, '--report')}")
+            return
+        problems = preflight(todo, out)
+        if problems:
+            print("\n".join(f"error: {problem}" for problem in problems), file=sys.stderr)
+            sys.exit(2)
         if args.slurm:
-            if not todo:
-                print(f"nothing to do: all {len(jobs)} runs are done; no script written")
-                return
-            write_slurm(args.slurm, args.recipe, [command_of(job) for job in todo], out, argv)
-            print(f"wrote {args.slurm}: {summary}\nsubmit it with: sbatch {shlex.quote(args.slurm)}")
-            if len(todo) > 1000:
-                print(f"note: {len(todo)} array tasks; clusters often cap an array at 1001 (MaxArraySize): submit it "
-                      f"in parts, e.g. sbatch --array=0-999 {shlex.quote(args.slurm)}, then --array=1000-1999, ...")
-            print(f"then: python reproduce.py {args.recipe} --report (after failures, run the same --slurm command "
-                  "again: it writes only what is missing)")
+            opts = argparse.Namespace(**{d: default if getattr(args, d) is None else getattr(args, d)
+                                         for d, default in SLURM.items()})
+            if args.gres:
+                opts.gpus_per_task = None
+            tasks = tasks_of(todo)
+            slurm = [x for d, v in vars(opts).items() if v is not None and v != SLURM[d] or d == "gpus_per_task"
+                     and v == 0 for x in (flag(d), str(v))]
+            write_slurm(args.slurm, args.recipe, tasks, out, opts, again(args, "--slurm", args.slurm, *slurm))
+            print(f"wrote {args.slurm}: {summary}, in {len(tasks)} array tasks (a task: the runs of one training "
+                  "subset, one after another)\nsubmit it with:")
+            print("\n".join(f"  {line}" for line in submit_lines(args.slurm, len(tasks), opts.max_array,
+                                                                   opts.throttle)))
+            print(f"then: {again(args, '--report')}\n(after failures, cancels or time limits, run the same --slurm "
+                  "command again: it writes only what is missing, and runs continue from their checkpoints)")
             return
         print(summary)
         failed = run_all(todo, gpu_ids(args.gpus), out)
@@ -947,7 +1230,7 @@ def main(argv=None):
         print(f"FAILED {shlex.join(job['command'])}\n  log {log}\n  {line}", file=sys.stderr)
     print(f"{len(jobs) - len(left)} of {len(jobs)} runs done" + (f"; {len(failed)} failed" if failed else "")
           + (f"; run the same command again to retry the {len(left)} missing" if left else "")
-          + (f". Report: python reproduce.py {args.recipe} --report" if not left else ""))
+          + (f". Report: {again(args, '--report')}" if not left else ""))
     if failed:
         sys.exit(1)
 

@@ -5,8 +5,10 @@ import csv
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
+import sys
 import zlib
 
 import pytest
@@ -249,18 +251,47 @@ def test_dry_run_and_slurm_print_the_exact_commands(tiny, tmp_path, monkeypatch,
     assert set(lines) == expected and len(lines) == 15 and summary == "15 runs to do (1 of 16 done)"
     assert sum("--resume" in line for line in lines) == 1
 
-    script = str(tmp_path / "runs.sh")
+    script, stub = str(tmp_path / "runs.sh"), tmp_path / "python"
+    stub.write_text('#!/bin/sh\nprintf "%s\\0" "$@"\n[ "$3" = coop ] && exit 3\nexit 0\n')  # coop runs fail
+    stub.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(stub))  # the Python that writes the script is the one it runs
     reproduce.main(["tiny", "--root", root, "--output-dir", out, "--slurm", script])
-    assert f"sbatch {script}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"submit it with:\n  sbatch {script}\nthen: python reproduce.py tiny --root {root} --output-dir {out} " \
+           "--report\n" in printed
     text = open(script).read()
-    for directive in ["#SBATCH --array=0-14", "#SBATCH --gres=gpu:1", "#SBATCH --cpus-per-task=",
-                      f"#SBATCH --output={out}/logs/slurm-%A_%a.log"]:
-        assert directive in text
-    assert os.path.isdir(os.path.join(out, "logs"))
-    for task in (0, 7, 14):  # the task's command, as bash runs it (python stubbed to print its arguments)
-        stub = f'python() {{ printf "%s\\0" "$@"; }}; SLURM_ARRAY_TASK_ID={task}; source "$0"'
-        ran = subprocess.run(["bash", "-c", stub, script], capture_output=True, text=True, check=True).stdout
-        assert ["python", *ran.split("\0")[:-1]] == shlex.split(lines[task])
+    for directive in ["--array=0-7", "--gres=gpu:1", "--cpus-per-task=8", f"--output={out}/logs/slurm-%A_%a.log",
+                      "--open-mode=append"]:
+        assert f"\n#SBATCH {directive}\n" in text
+    jobs = reproduce.pending(reproduce.plan_recipe("tiny", tiny, root, out)[0], reproduce.read_results(out))
+    tasks = reproduce.tasks_of(jobs)
+    assert [len(t) for t in tasks] == [1] + [2] * 7 and all(len({j["subset"] for j in t}) == 1 for t in tasks)
+    later = tasks[3][1]  # a checkpoint that appears after the script was written (a requeued or rerun task)
+    os.makedirs(os.path.dirname(later["checkpoint"]))
+    open(later["checkpoint"], "w").close()
+    for task in range(8):  # as Slurm runs it: task i of the array, each run's output in its own log
+        done = subprocess.run(["bash", script], env=dict(os.environ, SLURM_ARRAY_TASK_ID=str(task)), cwd=tmp_path,
+                              capture_output=True, text=True)
+        assert done.returncode == 1  # its coop run failed: the task says so, after running the others
+        for job, line in zip(tasks[task], done.stdout.splitlines()[::2]):
+            log = os.path.join(out, "logs", f"{job['id']}.log")
+            assert line.endswith(f" task {task}: {shlex.join([str(stub), *job['command'][1:]])}"
+                                 + (" --resume" if job in (interrupted_job(jobs, interrupted), later) else "")
+                                 + f" > {log}")
+            logged = open(log).read()
+            assert logged.startswith(f"$ {stub} train.py ") and logged.split("\n", 1)[1].split("\0")[:-1] == \
+                shlex.split(line.split(": ", 1)[1].rsplit(" > ", 1)[0])[1:]
+        assert done.stdout.splitlines()[1::2][-1].endswith("exit 3")
+    chunk = subprocess.run(["bash", script, "5"], env=dict(os.environ, SLURM_ARRAY_TASK_ID="2"), capture_output=True,
+                           text=True)  # a later chunk: its index plus the chunk's first task
+    assert f" task 7: {stub} train.py " in chunk.stdout
+    beyond = subprocess.run(["bash", script, "5"], env=dict(os.environ, SLURM_ARRAY_TASK_ID="3"), capture_output=True,
+                            text=True)
+    assert beyond.returncode == 2 and beyond.stdout == "task 8: this script has tasks 0-7\n"
+
+
+def interrupted_job(jobs, plan):
+    return next(j for j in jobs if j["id"] == plan["run_id"])
 
 
 def test_runs_are_ordered_by_training_subset_longest_budget_first(datasets, vit_checkpoint):
@@ -273,14 +304,22 @@ def test_runs_are_ordered_by_training_subset_longest_budget_first(datasets, vit_
 
 
 def test_one_worker_per_gpu_and_a_failed_run_is_reported(datasets, vit_checkpoint, tmp_path, monkeypatch, capsys):
-    """Real subprocesses: a zero-shot run on a missing folder fails (train.py exits 2), the other one is done."""
+    """Real subprocesses: a zero-shot run on a folder deleted after the preflight fails (train.py exits 2), the other
+    one is done."""
+    gone = write_colour_folder(str(tmp_path / "gone"))
     runs = [reproduce.train_run(["--method", "zeroshot", "--dataset", d, "--backbone", vit_checkpoint, "--workers", 0],
-                                "t", "CLIP", [reproduce.label(d)]) for d in [datasets[0], f"folder:{tmp_path}/nowhere"]]
+                                "t", "CLIP", [reproduce.label(d)]) for d in [datasets[0], gone]]
     monkeypatch.setitem(reproduce.RECIPES, "two", dict(title="two", runs=runs, tables=[]))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     envs, execute = [], reproduce.execute
-    monkeypatch.setattr(reproduce, "execute", lambda c, env, log: envs.append(env["CUDA_VISIBLE_DEVICES"]) or
-                        execute(c, env, log))
+
+    def deleting(command, env, log):
+        envs.append(env["CUDA_VISIBLE_DEVICES"])
+        if gone in command:
+            shutil.rmtree(gone.removeprefix("folder:"))
+        return execute(command, env, log)
+
+    monkeypatch.setattr(reproduce, "execute", deleting)
     out = str(tmp_path / "out")
     with pytest.raises(SystemExit) as exit_info:
         reproduce.main(["two", "--output-dir", out, "--gpus", "2"])
