@@ -408,3 +408,125 @@ def test_published_tables_are_consistent():
     assert sum(v[1] > v[0] for v in t2.values()) == 9  # §4.1: Basic beats ClassName on 9 of 11
     assert [d for d, v in t2.items() if v[3] >= max(v[:3])] == ["SUN397", "DTD", "EuroSAT"]  # Negative best on 3
     assert all(isinstance(v[4], tuple) and isinstance(v[5], tuple) for v in t2.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command line: a grid of any size, train.py options, options that do not go together, hints, preflight
+
+def refused(argv, capsys):
+    """reproduce.main(argv) must exit 2 with one line on stderr: -> that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_grid_and_train_options_make_a_smaller_grid(datasets, vit_checkpoint, tmp_path, capsys):
+    out = str(tmp_path)
+    argv = ["upt-fig4", "--datasets", ",".join(datasets), "--shots", "1,2", "--seeds", "3", "--backbone",
+            vit_checkpoint, "--epochs", "2", "--precision", "fp32", "--workers", "0", "--output-dir", out]
+    reproduce.main(argv + ["--dry-run"])
+    *lines, summary = capsys.readouterr().out.strip().splitlines()
+    assert summary == "18 runs to do (0 of 18 done)"  # zero-shot per dataset; 4 methods x 2 datasets x 2 shots
+    commands = [shlex.split(line) for line in lines]
+    for c in commands:
+        assert c[c.index("--backbone") + 1] == vit_checkpoint and c[c.index("--precision") + 1] == "fp32"
+        assert c[c.index("--workers") + 1] == "0" and c[c.index("--dataset") + 1] in datasets
+        if "zeroshot" in c:
+            assert "--epochs" not in c and "--seed" not in c  # an option a method does not read is not given to it
+        else:
+            assert c[c.index("--epochs") + 1] == "2" and c[c.index("--seed") + 1] == "3"
+    assert sorted(c[c.index("--shots") + 1] for c in commands if "--shots" in c) == ["1"] * 8 + ["2"] * 8
+    args = reproduce.parse_args(["rethinking-table4", "--backbone", "RN50,ViT-B/16", "--seeds", "1"])
+    assert len(reproduce.build("rethinking-table4", args)["tables"]) == 2  # a recipe over backbones takes several
+
+
+def test_grid_and_train_options_a_recipe_cannot_take_are_errors(tmp_path, capsys):
+    out = ["--output-dir", str(tmp_path)]
+    for argv, message in [
+            (["upt-table2", "--shots", "1"], "--shots: recipe upt-table2 fixes it (the paper's setting): drop --shots"),
+            (["upt-table1", "--datasets", "dtd"], "--datasets: recipe upt-table1 fixes it"),
+            (["rethinking-table3", "--seeds", "1,2"], "--seeds: recipe rethinking-table3 takes one value (got '1,2')"),
+            (["upt-fig4", "--backbone", "RN50,RN101"], "--backbone: recipe upt-fig4 takes one value"),
+            (["upt-fig4", "--shots", "1,x"], "--shots takes comma-separated whole numbers (got '1,x')"),
+            (["upt-fig4", "--seeds", "0"], "--seeds takes comma-separated numbers of at least 1 (got '0')"),
+            (["upt-fig4", "--datasets", "dtdd"], "--datasets: unknown dataset 'dtdd' (did you mean 'dtd'?)"),
+            (["rethinking-fig1", "--epochs", "1"], "--epochs: recipe rethinking-fig1 sets it in its own runs "
+                                                   "(Prompt learning: --epochs 50): drop --epochs"),
+            (["rethinking-table1", "--epochs", "1"], "--epochs is read by no run of recipe rethinking-table1: drop it"),
+            (["upt-fig4", "--epochs", "0"], "--epochs must be at least 1 (got 0)"),  # train.py's own check
+            (["upt-fig4", "--backbone", "RN51"], "unknown --backbone 'RN51'")]:
+        assert message in refused(argv + out + ["--dry-run"], capsys), argv
+    assert os.listdir(tmp_path) == []
+
+
+def test_options_that_do_not_go_together_are_errors_naming_both(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(reproduce.RECIPES, "tiny", tiny)
+    csv_path, script = str(tmp_path / "t.csv"), str(tmp_path / "runs.sh")
+    for argv, message in [
+            (["tiny", "--dry-run", "--csv", csv_path], "--csv and --dry-run do not go together"),
+            (["tiny", "--slurm", script, "--csv", csv_path], "--csv and --slurm do not go together"),
+            (["tiny", "--dry-run", "--report"], "--dry-run and --report do not go together: pick one"),
+            (["tiny", "--slurm", script, "--dry-run"], "--dry-run and --slurm do not go together: pick one"),
+            (["--slurm", script], "--slurm needs a recipe: python reproduce.py RECIPE --slurm ..."),
+            (["--report"], "--report needs a recipe"), (["--datasets", "dtd"], "--datasets needs a recipe"),
+            (["tiny", "--list"], "--list lists every recipe: drop tiny"),
+            (["tiny", "--slurm", script, "--gpus", "2"], "--gpus and --slurm do not go together"),
+            (["tiny", "--partition", "gpu"], "--partition is read by --slurm only: add --slurm FILE or drop it"),
+            (["tiny", "--dry-run", "--max-array", "10"], "--max-array is read by --slurm only"),
+            (["tiny", "--slurm", script, "--gres", "gpu:1", "--gpus-per-task", "1"],
+             "--gres and --gpus-per-task do not go together: pick one"),
+            (["tiny", "--slurm", script, "--max-array", "0"], "--max-array must be 1 or more (got 0)"),
+            (["tiny", "--slurm", script, "--sbatch", "--qos=a\n#SBATCH --x"], "--sbatch holds a line break")]:
+        assert message in refused(argv, capsys), argv
+    assert os.listdir(tmp_path) == []  # nothing written
+
+
+def test_every_hint_repeats_root_output_dir_and_the_grid(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(reproduce.RECIPES, "tiny", tiny)
+    monkeypatch.setattr(reproduce, "execute", lambda command, env, log: 0)  # runs that write no rows
+    root, out, script = str(tmp_path / "data"), str(tmp_path / "out"), str(tmp_path / "runs.sh")
+    argv, where = ["tiny", "--precision", "fp32", "--root", root, "--output-dir", out], f"--root {root} --output-dir {out}"
+    reproduce.main(argv + ["--slurm", script, "--partition", "gpu"])
+    printed = capsys.readouterr().out
+    assert f"then: python reproduce.py tiny --precision fp32 {where} --report\n" in printed
+    assert f"#   python reproduce.py tiny --precision fp32 {where} --slurm {script} --partition gpu\n" in open(script).read()
+    reproduce.main(argv + ["--report"])
+    assert f"(python reproduce.py tiny --precision fp32 {where} --dry-run lists them)" in capsys.readouterr().out
+    recipe = reproduce.with_options("tiny", tiny, reproduce.parse_args(argv))
+    synthetic_rows(out, reproduce.plan_recipe("tiny", recipe, root, out)[0], lambda key: 50.0)
+    reproduce.main(argv + ["--gpus", "0"])
+    assert f"16 of 16 runs done. Report: python reproduce.py tiny --precision fp32 {where} --report" in \
+        capsys.readouterr().out
+    reproduce.main(argv + ["--slurm", script])
+    assert f"no script written. Report: python reproduce.py tiny --precision fp32 {where} --report" in \
+        capsys.readouterr().out
+
+
+def test_preflight_refuses_a_grid_with_a_missing_dataset_launching_nothing(datasets, vit_checkpoint, tmp_path,
+                                                                          monkeypatch, capsys):
+    launched = []
+    monkeypatch.setattr(reproduce, "execute", lambda command, env, log: launched.append(command) or 0)
+    missing, broken = str(tmp_path / "missing"), tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    runs = [reproduce.train_run(["--method", "coop", "--dataset", d, "--backbone", b, "--shots", 1, "--epochs", 1],
+                                "t", "CoOp", [d]) for d in [datasets[0], f"folder:{missing}"]
+            for b in [vit_checkpoint, str(broken)]]
+    monkeypatch.setitem(reproduce.RECIPES, "bad", dict(title="bad", runs=runs, tables=[]))
+    script, out = str(tmp_path / "runs.sh"), str(tmp_path / "out")
+    for mode in [["--gpus", "0"], ["--slurm", script]]:
+        with pytest.raises(SystemExit) as exit_info:
+            reproduce.main(["bad", "--output-dir", out, *mode])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 2, err  # one line per problem: not one per run
+        assert err[0].startswith(f"error: {missing} needs train/") and err[1].startswith(f"error: --backbone {broken}: ")
+    assert launched == [] and not os.path.exists(script) and not os.path.exists(os.path.join(out, "results.jsonl"))
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    runs = [r for r in runs if missing not in r["argv"][3] and str(broken) not in r["argv"]]
+    monkeypatch.setitem(reproduce.RECIPES, "bad", dict(title="bad", runs=runs, tables=[]))
+    err = refused(["bad", "--output-dir", str(blocked / "out"), "--slurm", script], capsys)
+    assert err.startswith(f"error: cannot write under {blocked / 'out'} (") and "choose another --output-dir" in err
+    reproduce.main(["bad", "--output-dir", out, "--gpus", "0"])  # the good run alone passes
+    assert len(launched) == 1

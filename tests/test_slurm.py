@@ -1,7 +1,10 @@
 """reproduce.py --slurm on a real Slurm: munged, slurmctld and slurmd for one node on localhost (Debian's slurmctld,
 slurmd, slurm-client and munge; .ci/run installs them), each generated script submitted as reproduce.py prints it, a
 tiny grid (tiny random CLIP in OpenAI's format, tiny folder datasets, CPU, --gpus-per-task 0) run to a complete report.
-The test cluster's MaxArraySize is 2: a grid of 4 tasks must go in chunks."""
+The test cluster's MaxArraySize is 2, so a grid of 3 tasks must go in chunks; its one node declares 8 CPUs and a GPU
+(/dev/null), so that every built-in recipe's script, at the paper's size and with the default resources, is accepted
+(sbatch --test-only)."""
+import argparse
 import os
 import shlex
 import shutil
@@ -18,11 +21,66 @@ from conftest import make_tiny_clip, save_state_dict, write_colour_folder
 SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 PROGRAMS = ["sbatch", "squeue", "scancel", "scontrol", "sinfo", "munged", "slurmctld", "slurmd"]
 ABSENT = [p for p in PROGRAMS if not shutil.which(p, path=SBIN)]
-pytestmark = [
+needs_slurm = [
     pytest.mark.skipif(bool(ABSENT), reason=f"Slurm is not installed ({', '.join(ABSENT)} absent): "
                        "apt-get install slurmctld slurmd slurm-client munge"),
     pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() != 0, reason="slurmd starts jobs as their user: needs root"),
 ]
+
+
+def needs_cluster(test):
+    for mark in needs_slurm:
+        test = mark(test)
+    return test
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tasks, chunks, directives
+
+def test_runs_of_one_training_subset_share_a_task_longest_budget_first():
+    jobs, _ = reproduce.plan_recipe("rethinking-fig1", reproduce.RECIPES["rethinking-fig1"], "/data", "/out")
+    tasks = reproduce.tasks_of(jobs)
+    assert len(tasks) == 11 * 5 * 3 + 11 and sum(map(len, tasks)) == len(jobs) == 3146
+    for task in tasks:
+        assert len({j["subset"] for j in task}) == 1
+        assert [j["epochs"] for j in task] == sorted((j["epochs"] for j in task), reverse=True)
+    trained = [t for t in tasks if t[0]["epochs"]]
+    assert {len(t) for t in trained} == {19} and [j["epochs"] for j in trained[0]] == [200] * 6 + [100] * 6 + \
+        [50] * 6 + [0]  # 9 CoOp and 9 FT grid points, then the linear probe (no epochs)
+    assert {len(t) for t in tasks if not t[0]["epochs"]} == {1}  # zero-shot: once per dataset
+    jobs, _ = reproduce.plan_recipe("rethinking-table2", reproduce.RECIPES["rethinking-table2"], "/data", "/out")
+    assert [len(t) for t in reproduce.tasks_of(jobs)] == [4 + 2 * 10] * 11  # a dataset's zero-shot runs: one task
+    jobs, _ = reproduce.plan_recipe("upt-fig1", reproduce.RECIPES["upt-fig1"], "/data", "/out")
+    short = [t for t in reproduce.tasks_of(jobs) if not t[0]["epochs"]]
+    assert len(short) == 11 and all([j["command"][1] for j in t] == ["variance.py", "train.py"] for t in short)
+
+
+def test_chunks_start_at_index_0_and_the_script_adds_the_offset():
+    assert reproduce.chunks(2500, 1000) == [(0, 1000), (1000, 1000), (2000, 500)]
+    assert reproduce.chunks(1000, 1000) == [(0, 1000)] and reproduce.chunks(1, 1000) == [(0, 1)]
+    assert reproduce.submit_lines("my runs.sh", 2500, 1000, throttle=50) == [
+        "sbatch 'my runs.sh'", "sbatch --array=0-999%50 'my runs.sh' 1000", "sbatch --array=0-499%50 'my runs.sh' 2000"]
+    opts = argparse.Namespace(**dict(reproduce.SLURM, throttle=50))
+    assert reproduce.sbatch_lines("x", 2500, "/o", opts)[1] == "#SBATCH --array=0-999%50"
+    assert reproduce.sbatch_lines("x", 7, "/o", opts)[1] == "#SBATCH --array=0-6%50"
+
+
+def test_sbatch_directives_from_the_options():
+    def directives(**options):
+        return [line.removeprefix("#SBATCH ") for line in
+                reproduce.sbatch_lines("job", 3, "/o", argparse.Namespace(**dict(reproduce.SLURM, **options)))]
+
+    tail = ["--output=/o/logs/slurm-%A_%a.log", "--open-mode=append"]
+    assert directives() == ["--job-name=job", "--array=0-2", "--gres=gpu:1", "--cpus-per-task=8", *tail]
+    assert directives(gpus_per_task=0, cpus_per_task=2) == ["--job-name=job", "--array=0-2", "--cpus-per-task=2", *tail]
+    assert directives(gres="gpu:a100:1", gpus_per_task=None, partition="gpu", time="2-00:00:00", account="lab",
+                      sbatch="--qos=high --mem 64G -C 'a100|h100'") == [
+        "--job-name=job", "--array=0-2", "--gres=gpu:a100:1", "--cpus-per-task=8", "--partition=gpu",
+        "--time=2-00:00:00", "--account=lab", "--qos=high", "--mem 64G", "-C 'a100|h100'", *tail]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A real one-node Slurm
 
 
 def free_port():
@@ -43,6 +101,8 @@ def cluster(tmp_path_factory):
     socket_path = d / "munge" / "socket"
     (d / "slurm.conf").write_text(f"""ClusterName=test
 SlurmctldHost=localhost(127.0.0.1)
+GresTypes=gpu
+SlurmdParameters=config_overrides
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
 SlurmUser=root
@@ -66,9 +126,10 @@ MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SchedulerParameters=sched_interval=1
-NodeName=testnode NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} State=UNKNOWN
+NodeName=testnode NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 CPUs=8 Gres=gpu:1 State=UNKNOWN
 PartitionName=test Nodes=testnode Default=YES MaxTime=INFINITE State=UP
 """)
+    (d / "gres.conf").write_text("NodeName=testnode Name=gpu File=/dev/null\n")
     env = dict(os.environ, SLURM_CONF=str(d / "slurm.conf"), PATH=SBIN)
     which = lambda p: shutil.which(p, path=SBIN)
     daemons = []
@@ -132,58 +193,61 @@ def grid(tmp_path_factory):
     return dict(backbone=str(d / "tiny.pt"), datasets=[a, b], root=str(d))
 
 
-def test_a_grid_larger_than_max_array_size_runs_as_generated(cluster, grid, tmp_path, capsys):
+@needs_cluster
+def test_a_grid_runs_as_generated_in_chunks_and_a_cancelled_task_is_the_only_one_regenerated(cluster, grid,
+                                                                                           tmp_path, capsys):
     out, script = str(tmp_path / "out"), str(tmp_path / "runs.sh")
-    argv = ["upt-fig4", "--datasets", grid["datasets"][0], "--shots", "1", "--seeds", "1,2,3", "--backbone",
+    argv = ["upt-fig4", "--datasets", grid["datasets"][0], "--shots", "1", "--seeds", "1,2", "--backbone",
             grid["backbone"], "--epochs", "1", "--batch-size", "4", "--workers", "0", "--precision", "fp32",
             "--root", grid["root"], "--output-dir", out]
     slurm = ["--slurm", script, "--gpus-per-task", "0", "--cpus-per-task", "1", "--max-array", "2"]
     reproduce.main(argv + slurm)
     printed = capsys.readouterr().out
+    assert "9 runs to do (0 of 9 done), in 3 array tasks" in printed  # zero-shot; 4 methods x seed 1; x seed 2
     lines = submit_lines(printed)
-    assert "13 runs to do (0 of 13 done), in 4 array tasks" in printed
-    assert lines == [f"sbatch {script}", f"sbatch --array=0-1 {script} 2"]
-    refused = subprocess.run(["sbatch", "--array=0-3", script], env=cluster, capture_output=True, text=True)
+    assert lines == [f"sbatch {script}", f"sbatch --array=0-0 {script} 2"]
+    refused = subprocess.run(["sbatch", "--array=0-2", script], env=cluster, capture_output=True, text=True)
     assert refused.returncode != 0  # the whole array at once is over this cluster's MaxArraySize
-    wait([sbatch(line, cluster) for line in lines], cluster)
+    first = sbatch(lines[0], cluster, "--hold")
+    subprocess.run(["scancel", f"{first}_1"], env=cluster, check=True)  # task 1 (seed 1's 4 runs), while pending
+    subprocess.run(["scontrol", "release", first], env=cluster, check=True)
+    wait([first, sbatch(lines[1], cluster)], cluster)
 
-    recipe = reproduce.with_options("upt-fig4", reproduce.build("upt-fig4", reproduce.parse_args(argv)),
-                                    reproduce.parse_args(argv))
-    jobs, _ = reproduce.plan_recipe("upt-fig4", recipe, grid["root"], out)
-    results = reproduce.read_results(out)
-    assert len(jobs) == 13 and reproduce.pending(jobs, results) == []  # every run's every row
-    task_logs = sorted(f for f in os.listdir(os.path.join(out, "logs")) if f.startswith("slurm-"))
-    assert len(task_logs) == 4
-    text = "".join(open(os.path.join(out, "logs", f)).read() for f in task_logs)
-    for job in jobs:  # each task's log names each of its commands and the run's own log, which starts with it
+    args = reproduce.parse_args(argv)
+    jobs, _ = reproduce.plan_recipe("upt-fig4", reproduce.with_options("upt-fig4", reproduce.build("upt-fig4", args),
+                                                                       args), grid["root"], out)
+    tasks = reproduce.tasks_of(jobs)
+    assert reproduce.pending(jobs, reproduce.read_results(out)) == tasks[1]  # every other run has all its rows
+    logs = {f: open(os.path.join(out, "logs", f)).read() for f in os.listdir(os.path.join(out, "logs"))
+            if f.startswith("slurm-")}
+    assert len(logs) == 2 and "".join(logs.values()).count(" exit 0\n") == 5
+    for job in tasks[0] + tasks[2]:  # a task's log names each command and the run's log, which starts with it
         log = os.path.join(out, "logs", f"{job['id']}.log")
-        assert f"> {log}" in text and open(log).readline().startswith(f"$ {shlex.quote(sys.executable)} ")
-    assert text.count("exit 0") == 13
-    reproduce.main(argv + ["--report"])
-    assert "complete: every cell has all its runs" in capsys.readouterr().out
+        assert sum(f"> {log}\n" in text for text in logs.values()) == 1
+        assert open(log).readline().startswith(f"$ {shlex.quote(sys.executable)} train.py --method ")
 
-
-def test_a_cancelled_task_is_the_only_one_regenerated(cluster, grid, tmp_path, capsys):
-    out, script = str(tmp_path / "out"), str(tmp_path / "runs.sh")
-    argv = ["rethinking-table1", "--datasets", ",".join(grid["datasets"]), "--backbone", grid["backbone"],
-            "--workers", "0", "--root", grid["root"], "--output-dir", out]
-    slurm = ["--slurm", script, "--gpus-per-task", "0", "--cpus-per-task", "1"]
-    reproduce.main(argv + slurm)
-    [line] = submit_lines(capsys.readouterr().out)
-    job = sbatch(line, cluster, "--hold")
-    subprocess.run(["scancel", f"{job}_1"], env=cluster, check=True)  # the second dataset's task
-    subprocess.run(["scontrol", "release", job], env=cluster, check=True)
-    wait([job], cluster)
-
-    reproduce.main(argv + slurm)
+    reproduce.main(argv + slurm)  # regenerated: the cancelled task only
     printed = capsys.readouterr().out
-    assert "4 runs to do (4 of 8 done), in 1 array tasks" in printed
-    text = open(script).read()
-    assert text.count("train.py --method zeroshot") == 4 and grid["datasets"][0] + " " not in text
-    assert text.count(f"--dataset {grid['datasets'][1]} ") == 4
+    assert "4 runs to do (5 of 9 done), in 1 array tasks" in printed
+    assert open(script).read().count("\n  run ") == 4 and all(j["id"] in open(script).read() for j in tasks[1])
     [line] = submit_lines(printed)
     wait([sbatch(line, cluster)], cluster)
     reproduce.main(argv + ["--report"])
     assert "complete: every cell has all its runs" in capsys.readouterr().out
     reproduce.main(argv + slurm)
-    assert "nothing to do: all 8 runs are done; no script written" in capsys.readouterr().out
+    assert "nothing to do: all 9 runs are done; no script written" in capsys.readouterr().out
+
+
+@needs_cluster
+def test_every_recipe_s_script_is_accepted_at_the_paper_s_size(cluster, tmp_path):
+    """The default resources (a GPU per task, 8 CPUs) with a partition and a time limit, in chunks of MaxArraySize."""
+    opts = argparse.Namespace(**dict(reproduce.SLURM, partition="test", time="1-00:00:00", max_array=2))
+    for name, recipe in reproduce.RECIPES.items():
+        jobs, _ = reproduce.plan_recipe(name, recipe, "/data", str(tmp_path / "out"))
+        tasks, script = reproduce.tasks_of(jobs), str(tmp_path / f"{name}.sh")
+        reproduce.write_slurm(script, name, tasks, str(tmp_path / "out"), opts, f"python reproduce.py {name} ...")
+        lines = reproduce.submit_lines(script, len(tasks), 2)
+        for line in {lines[0], lines[-1]}:
+            argv = shlex.split(line)
+            done = subprocess.run([argv[0], "--test-only", *argv[1:]], env=cluster, capture_output=True, text=True)
+            assert done.returncode == 0 and "to start at" in done.stderr, (name, line, done.stderr)
