@@ -515,13 +515,13 @@ def with_options(name, recipe, args):
         argv = list(entry["argv"])
         method = argv[argv.index("--method") + 1] if entry["script"] == "train.py" else None
         for key, value in given.items():
-            flag = runs.option(key)
+            option = runs.option(key)
             if (method is None and key != "workers") or method not in runs.USED_BY.get(key, [method]):
                 continue  # variance.py reads --workers only; zero-shot has no --epochs
-            if flag in argv:
-                raise RecipeError(f"{flag}: recipe {name} sets it in its own runs ({entry['row']}: {flag} "
-                                  f"{argv[argv.index(flag) + 1]}): drop {flag}")
-            argv += [flag] if value is True else [flag, str(value)]
+            if option in argv:
+                raise RecipeError(f"{option}: recipe {name} sets it in its own runs ({entry['row']}: {option} "
+                                  f"{argv[argv.index(option) + 1]}): drop {option}")
+            argv += [option] if value is True else [option, str(value)]
             used.add(key)
         entries.append(dict(entry, argv=argv))
     for key in given.keys() - used:
