@@ -11,6 +11,7 @@ import glob
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -67,7 +68,19 @@ class RunError(Exception):
 
 
 class Interrupted(Exception):
-    """Ctrl-C: one line saying where the last checkpoint is; exit code 130."""
+    """Ctrl-C or SIGTERM: one line saying where the last checkpoint is; exit code 130 (Ctrl-C) or 143 (SIGTERM)."""
+
+    def __init__(self, message, code=130):
+        super().__init__(message)
+        self.code = code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (scancel, preemption, a time limit), raised where the run is and handled as Ctrl-C."""
+
+
+def terminate(signum, frame):
+    raise Terminated()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -436,7 +449,7 @@ def git_commit():
 @contextlib.contextmanager
 def hold_run(args, directory, trains):
     """Check that the run can write its folder and results.jsonl, hold the run's lock while it runs (a second run with
-    the same settings is refused) and turn Ctrl-C into one line naming the checkpoint to resume."""
+    the same settings is refused) and turn Ctrl-C or SIGTERM into one line naming the checkpoint to resume."""
     try:
         os.makedirs(directory if trains else args.output_dir, exist_ok=True)
     except OSError as e:  # named: the folder in the way, when it is not --output-dir itself (OUT/dtd is a file)
@@ -451,14 +464,19 @@ def hold_run(args, directory, trains):
         raise RunError(f"cannot append to {results} ({e.strerror or e}): make it a writable file or choose another "
                        "--output-dir") from None
     busy = f"a run with these settings is already running in {directory}: wait for it, or change a setting"
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         with locked(os.path.join(directory, "lock"), busy) if trains else contextlib.nullcontext():
             yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         path = os.path.join(directory, "checkpoint.pt")
         saved = f"{path} holds epoch {torch.load(path, weights_only=True)['epoch']}; add --resume to the same " \
                 "command to continue" if os.path.isfile(path) and not args.eval_only else "nothing was saved"
-        raise Interrupted(f"interrupted: {saved}") from None
+        terminated = isinstance(e, Terminated)
+        raise Interrupted(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: {saved}",
+                          143 if terminated else 130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -318,7 +318,7 @@ def main(argv=None):
         sys.exit(2)
     except Interrupted as e:
         print(e, file=sys.stderr)
-        sys.exit(130)
+        sys.exit(e.code)
     except KeyboardInterrupt:  # before training started
         print("interrupted before training: nothing was saved", file=sys.stderr)
         sys.exit(130)

@@ -727,15 +727,18 @@ def test_a_failing_save_keeps_the_last_checkpoint_and_no_temporary_file(error, t
 # ----------------------------------------------------------------------------------------------------------------------
 # What a person sees: Ctrl-C, progress, the warm-up epoch
 
-def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(folder, vit_checkpoint, tmp_path):
+@pytest.mark.parametrize("sent, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                              (signal.SIGTERM, 143, "terminated (SIGTERM)")], ids=["Ctrl-C", "SIGTERM"])
+def test_ctrl_c_says_where_the_checkpoint_is_and_how_to_resume(sent, code, said, folder, vit_checkpoint, tmp_path):
+    """SIGTERM (scancel, preemption, a Slurm time limit) as Ctrl-C, with its own exit code."""
     process = launch(train_argv("upt", folder, vit_checkpoint, tmp_path, epochs=500))
     assert next((line for line in process.stdout if line.startswith("epoch 2/500 |")), None), process.stderr.read()
-    process.send_signal(signal.SIGINT)  # epoch 1's checkpoint is written before epoch 2's line
+    process.send_signal(sent)  # epoch 1's checkpoint is written before epoch 2's line
     _, err = process.communicate(timeout=60)
     [path] = find(tmp_path, "checkpoint.pt")
     epoch = torch.load(path, weights_only=True)["epoch"]
-    assert process.returncode == 130 and 1 <= epoch < 500
-    assert err == f"interrupted: {path} holds epoch {epoch}; add --resume to the same command to continue\n"
+    assert process.returncode == code and 1 <= epoch < 500
+    assert err == f"{said}: {path} holds epoch {epoch}; add --resume to the same command to continue\n"
     assert not glob.glob(str(tmp_path / "**" / "*.tmp"), recursive=True)
 
 
