@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 
@@ -464,7 +465,8 @@ def hold_run(args, directory, trains):
         raise RunError(f"cannot append to {results} ({e.strerror or e}): make it a writable file or choose another "
                        "--output-dir") from None
     busy = f"a run with these settings is already running in {directory}: wait for it, or change a setting"
-    previous = signal.signal(signal.SIGTERM, terminate)
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may handle signals
+    previous = signal.signal(signal.SIGTERM, terminate) if main else None
     try:
         with locked(os.path.join(directory, "lock"), busy) if trains else contextlib.nullcontext():
             yield
@@ -476,7 +478,8 @@ def hold_run(args, directory, trains):
         raise Interrupted(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: {saved}",
                           143 if terminated else 130) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
