@@ -491,7 +491,8 @@ def build(name, args):
     for key, text in given.items():
         parameter = next((p for p in GRID[key] if p in parameters), None)
         if parameter is None:
-            raise RecipeError(f"--{key}: recipe {name} fixes it (the paper's setting): drop --{key}")
+            raise RecipeError(f"--{key}: recipe {name} fixes it (" + ("the paper's setting" if parameters else
+                              "a recipe built with fixed values") + f"): drop --{key}")
         items = items_of(key, text, int if key in ("shots", "seeds") else str)
         for d in items if key == "datasets" else []:
             if not d.startswith("folder:") and d not in data.DATASETS:
@@ -829,7 +830,7 @@ def write_slurm(path, name, tasks, output_dir, opts, again):
              "export PYTHONUNBUFFERED=1",
              'TASK=$((SLURM_ARRAY_TASK_ID + ${1:-0}))',
              "FAILED=0",
-             "run() {  # run LOG CHECKPOINT COMMAND...: the command's output appended to LOG, --resume if CHECKPOINT exists",
+             "run() {  # run LOG CHECKPOINT COMMAND...: output appended to LOG; --resume if CHECKPOINT exists now",
              '  local log=$1 checkpoint=$2',
              "  shift 2",
              '  if [ -n "$checkpoint" ] && [ -f "$checkpoint" ]; then set -- "$@" --resume; fi',
@@ -1119,13 +1120,9 @@ SLURM = {"partition": None, "time": None, "account": None, "gpus_per_task": 1, "
          "sbatch": None, "max_array": 1000, "throttle": None}  # the --slurm options and their defaults
 
 
-def flag(dest):
-    return "--" + dest.replace("_", "-")
-
-
 def check_options(args):
     """Options that do not go together, or that nothing reads, are an error naming them."""
-    modes = [flag(m) for m in ("list", "dry_run", "slurm", "report") if getattr(args, m) not in (None, False)]
+    modes = [runs.option(m) for m in ("list", "dry_run", "slurm", "report") if getattr(args, m) not in (None, False)]
     given = [d for d, v in vars(args).items() if d != "recipe" and v not in (None, False)]
     if len(modes) > 1:
         raise RecipeError(f"{modes[0]} and {modes[1]} do not go together: pick one")
@@ -1135,22 +1132,22 @@ def check_options(args):
     if args.list and args.recipe:
         raise RecipeError(f"--list lists every recipe: drop {args.recipe}, or --list")
     if not args.recipe and [d for d in given if d != "list"]:
-        option = flag(next(d for d in given if d != "list"))
+        option = runs.option(next(d for d in given if d != "list"))
         raise RecipeError(f"{option} needs a recipe: python reproduce.py RECIPE {option} ... (python reproduce.py "
                           "lists them)")
     if args.gpus is not None and modes:
         raise RecipeError(f"--gpus and {modes[0]} do not go together: --gpus is for running here")
     for dest in SLURM:
         if getattr(args, dest) is not None and not args.slurm:
-            raise RecipeError(f"{flag(dest)} is read by --slurm only: add --slurm FILE or drop it")
+            raise RecipeError(f"{runs.option(dest)} is read by --slurm only: add --slurm FILE or drop it")
     if args.gres is not None and args.gpus_per_task is not None:
         raise RecipeError("--gres and --gpus-per-task do not go together: pick one")
     for dest, least in [("gpus", 0), ("gpus_per_task", 0), ("cpus_per_task", 1), ("max_array", 1), ("throttle", 1)]:
         if getattr(args, dest) is not None and getattr(args, dest) < least:
-            raise RecipeError(f"{flag(dest)} must be {least} or more (got {getattr(args, dest)})")
+            raise RecipeError(f"{runs.option(dest)} must be {least} or more (got {getattr(args, dest)})")
     for dest in ("partition", "time", "account", "gres", "sbatch", "slurm"):
         if "\n" in (getattr(args, dest) or ""):
-            raise RecipeError(f"{flag(dest)} holds a line break: give it on one line")
+            raise RecipeError(f"{runs.option(dest)} holds a line break: give it on one line")
 
 
 def again(args, *mode):
@@ -1158,7 +1155,7 @@ def again(args, *mode):
     argv = ["python", "reproduce.py", args.recipe]
     for key in [*GRID, *PASSED]:
         value = getattr(args, key)
-        argv += [] if value is None else [flag(key)] if value is True else [flag(key), str(value)]
+        argv += [] if value is None else [runs.option(key)] if value is True else [runs.option(key), str(value)]
     return shlex.join([*argv, "--root", args.root, "--output-dir", args.output_dir, *mode])
 
 
@@ -1206,8 +1203,7 @@ def main(argv=None):
             if args.gres:
                 opts.gpus_per_task = None
             tasks = tasks_of(todo)
-            slurm = [x for d, v in vars(opts).items() if v is not None and v != SLURM[d] or d == "gpus_per_task"
-                     and v == 0 for x in (flag(d), str(v))]
+            slurm = [x for d in SLURM if getattr(args, d) is not None for x in (runs.option(d), str(getattr(args, d)))]
             write_slurm(args.slurm, args.recipe, tasks, out, opts, again(args, "--slurm", args.slurm, *slurm))
             print(f"wrote {args.slurm}: {summary}, in {len(tasks)} array tasks (a task: the runs of one training "
                   "subset, one after another)\nsubmit it with:")

@@ -487,11 +487,13 @@ def test_every_hint_repeats_root_output_dir_and_the_grid(tiny, tmp_path, monkeyp
     monkeypatch.setitem(reproduce.RECIPES, "tiny", tiny)
     monkeypatch.setattr(reproduce, "execute", lambda command, env, log: 0)  # runs that write no rows
     root, out, script = str(tmp_path / "data"), str(tmp_path / "out"), str(tmp_path / "runs.sh")
-    argv, where = ["tiny", "--precision", "fp32", "--root", root, "--output-dir", out], f"--root {root} --output-dir {out}"
+    argv = ["tiny", "--precision", "fp32", "--root", root, "--output-dir", out]
+    where = f"--root {root} --output-dir {out}"
     reproduce.main(argv + ["--slurm", script, "--partition", "gpu"])
     printed = capsys.readouterr().out
     assert f"then: python reproduce.py tiny --precision fp32 {where} --report\n" in printed
-    assert f"#   python reproduce.py tiny --precision fp32 {where} --slurm {script} --partition gpu\n" in open(script).read()
+    written_by = f"#   python reproduce.py tiny --precision fp32 {where} --slurm {script} --partition gpu\n"
+    assert written_by in open(script).read()
     reproduce.main(argv + ["--report"])
     assert f"(python reproduce.py tiny --precision fp32 {where} --dry-run lists them)" in capsys.readouterr().out
     recipe = reproduce.with_options("tiny", tiny, reproduce.parse_args(argv))
@@ -520,7 +522,8 @@ def test_preflight_refuses_a_grid_with_a_missing_dataset_launching_nothing(datas
             reproduce.main(["bad", "--output-dir", out, *mode])
         err = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2 and len(err) == 2, err  # one line per problem: not one per run
-        assert err[0].startswith(f"error: {missing} needs train/") and err[1].startswith(f"error: --backbone {broken}: ")
+        assert err[0].startswith(f"error: {missing} needs train/")
+        assert err[1].startswith(f"error: --backbone {broken}: ")
     assert launched == [] and not os.path.exists(script) and not os.path.exists(os.path.join(out, "results.jsonl"))
     blocked = tmp_path / "file"
     blocked.write_text("")

@@ -24,7 +24,8 @@ ABSENT = [p for p in PROGRAMS if not shutil.which(p, path=SBIN)]
 needs_slurm = [
     pytest.mark.skipif(bool(ABSENT), reason=f"Slurm is not installed ({', '.join(ABSENT)} absent): "
                        "apt-get install slurmctld slurmd slurm-client munge"),
-    pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() != 0, reason="slurmd starts jobs as their user: needs root"),
+    pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() != 0,
+                       reason="slurmd starts jobs as their user: needs root"),
 ]
 
 
