@@ -210,7 +210,7 @@ def test_a_grid_runs_as_generated_in_chunks_and_a_cancelled_task_is_the_only_one
     refused = subprocess.run(["sbatch", "--array=0-2", script], env=cluster, capture_output=True, text=True)
     assert refused.returncode != 0  # the whole array at once is over this cluster's MaxArraySize
     first = sbatch(lines[0], cluster, "--hold")
-    subprocess.run(["scancel", f"{first}_1"], env=cluster, check=True)  # task 1 (seed 1's 4 runs), while pending
+    subprocess.run(["scancel", f"{first}_0"], env=cluster, check=True)  # task 0 (zero-shot), while pending
     subprocess.run(["scontrol", "release", first], env=cluster, check=True)
     wait([first, sbatch(lines[1], cluster)], cluster)
 
@@ -218,19 +218,19 @@ def test_a_grid_runs_as_generated_in_chunks_and_a_cancelled_task_is_the_only_one
     jobs, _ = reproduce.plan_recipe("upt-fig4", reproduce.with_options("upt-fig4", reproduce.build("upt-fig4", args),
                                                                        args), grid["root"], out)
     tasks = reproduce.tasks_of(jobs)
-    assert reproduce.pending(jobs, reproduce.read_results(out)) == tasks[1]  # every other run has all its rows
+    assert reproduce.pending(jobs, reproduce.read_results(out)) == tasks[0]  # every other run has all its rows
     logs = {f: open(os.path.join(out, "logs", f)).read() for f in os.listdir(os.path.join(out, "logs"))
             if f.startswith("slurm-")}
-    assert len(logs) == 2 and "".join(logs.values()).count(" exit 0\n") == 5
-    for job in tasks[0] + tasks[2]:  # a task's log names each command and the run's log, which starts with it
+    assert len(logs) == 2 and "".join(logs.values()).count(" exit 0\n") == 8
+    for job in tasks[1] + tasks[2]:  # a task's log names each command and the run's log, which starts with it
         log = os.path.join(out, "logs", f"{job['id']}.log")
         assert sum(f"> {log}\n" in text for text in logs.values()) == 1
         assert open(log).readline().startswith(f"$ {shlex.quote(sys.executable)} train.py --method ")
 
     reproduce.main(argv + slurm)  # regenerated: the cancelled task only
     printed = capsys.readouterr().out
-    assert "4 runs to do (5 of 9 done), in 1 array tasks" in printed
-    assert open(script).read().count("\n  run ") == 4 and all(j["id"] in open(script).read() for j in tasks[1])
+    assert "1 runs to do (8 of 9 done), in 1 array tasks" in printed
+    assert open(script).read().count("\n  run ") == 1 and tasks[0][0]["id"] in open(script).read()
     [line] = submit_lines(printed)
     wait([sbatch(line, cluster)], cluster)
     reproduce.main(argv + ["--report"])
