@@ -14,6 +14,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import reproduce
 from conftest import make_tiny_clip, save_state_dict, write_colour_folder
@@ -252,3 +253,35 @@ def test_every_recipe_s_script_is_accepted_at_the_paper_s_size(cluster, tmp_path
             argv = shlex.split(line)
             done = subprocess.run([argv[0], "--test-only", *argv[1:]], env=cluster, capture_output=True, text=True)
             assert done.returncode == 0 and "to start at" in done.stderr, (name, line, done.stderr)
+
+
+@needs_cluster
+def test_a_cancelled_run_keeps_its_checkpoint_and_the_regenerated_task_continues_it(cluster, grid, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """scancel sends SIGTERM: the run says where its checkpoint is; the next script's task resumes it."""
+    coop = ["coop", "--n-ctx", 2, "--epochs", 50, "--batch-size", 4, "--workers", 0, "--precision", "fp32"]
+    recipe = dict(title="one long run", tables=[],
+                  runs=reproduce.few_shot({"CoOp": coop}, grid["datasets"][1:], [1], [1], grid["backbone"]))
+    monkeypatch.setitem(reproduce.RECIPES, "long", recipe)
+    out, script = str(tmp_path / "out"), str(tmp_path / "runs.sh")
+    argv = ["long", "--root", grid["root"], "--output-dir", out, "--slurm", script, "--gpus-per-task", "0",
+            "--cpus-per-task", "1"]
+    reproduce.main(argv)
+    [line] = submit_lines(capsys.readouterr().out)
+    [job] = reproduce.plan_recipe("long", recipe, grid["root"], out)[0]
+    log, job_id = os.path.join(out, "logs", f"{job['id']}.log"), sbatch(line, cluster)
+    deadline = time.time() + 120
+    while not (os.path.isfile(log) and "\nepoch 2/50 |" in open(log).read()):
+        assert time.time() < deadline, "the run did not reach epoch 2"
+        time.sleep(0.2)
+    subprocess.run(["scancel", job_id], env=cluster, check=True)
+    wait([job_id], cluster)
+    saved = torch.load(job["checkpoint"], weights_only=True)["epoch"]
+    assert 1 <= saved < 50
+    assert f"terminated (SIGTERM): {job['checkpoint']} holds epoch {saved}; add --resume" in open(log).read()
+
+    reproduce.main(argv)  # the run has no row: it is in the new script, and its task continues the checkpoint
+    [line] = submit_lines(capsys.readouterr().out)
+    wait([sbatch(line, cluster)], cluster)
+    assert f"resumed from {job['checkpoint']} at epoch {saved} of 50" in open(log).read()
+    assert reproduce.pending([job], reproduce.read_results(out)) == []
