@@ -499,9 +499,10 @@ def build(name, args):
                 close = difflib.get_close_matches(d, data.DATASETS, n=1)
                 raise RecipeError(f"--datasets: unknown dataset {d!r}" + (f" (did you mean {close[0]!r}?)" if close
                                   else "") + f"; use {', '.join(data.DATASETS)} or folder:/path")
-        if parameter in ("seed", "backbone") and len(items) > 1:
+        one = not isinstance(parameters[parameter].default, (list, tuple, range))  # e.g. seed=1, not seeds=SEEDS
+        if one and len(items) > 1:
             raise RecipeError(f"--{key}: recipe {name} takes one value (got {text!r})")
-        kwargs[parameter] = items[0] if parameter in ("seed", "backbone") else items
+        kwargs[parameter] = items[0] if one else items
     return function(**kwargs)
 
 

@@ -438,6 +438,9 @@ def test_grid_and_train_options_make_a_smaller_grid(datasets, vit_checkpoint, tm
         else:
             assert c[c.index("--epochs") + 1] == "2" and c[c.index("--seed") + 1] == "3"
     assert sorted(c[c.index("--shots") + 1] for c in commands if "--shots" in c) == ["1"] * 8 + ["2"] * 8
+    jobs, _ = reproduce.plan_recipe("fig1", reproduce.build("upt-fig1", reproduce.parse_args(
+        ["upt-fig1", "--datasets", "dtd", "--shots", "8", "--seeds", "1"])), "/data", "/out")
+    assert [j["subset"][2] for j in jobs].count(8) == 4 and len(jobs) == 6  # variance, zero-shot; 4 methods, 8 shots
     args = reproduce.parse_args(["rethinking-table4", "--backbone", "RN50,ViT-B/16", "--seeds", "1"])
     assert len(reproduce.build("rethinking-table4", args)["tables"]) == 2  # a recipe over backbones takes several
 
@@ -449,6 +452,7 @@ def test_grid_and_train_options_a_recipe_cannot_take_are_errors(tmp_path, capsys
             (["upt-table1", "--datasets", "dtd"], "--datasets: recipe upt-table1 fixes it"),
             (["rethinking-table3", "--seeds", "1,2"], "--seeds: recipe rethinking-table3 takes one value (got '1,2')"),
             (["upt-fig4", "--backbone", "RN50,RN101"], "--backbone: recipe upt-fig4 takes one value"),
+            (["upt-fig1", "--shots", "8,16"], "--shots: recipe upt-fig1 takes one value (got '8,16')"),
             (["upt-fig4", "--shots", "1,x"], "--shots takes comma-separated whole numbers (got '1,x')"),
             (["upt-fig4", "--seeds", "0"], "--seeds takes comma-separated numbers of at least 1 (got '0')"),
             (["upt-fig4", "--datasets", "dtdd"], "--datasets: unknown dataset 'dtdd' (did you mean 'dtd'?)"),
