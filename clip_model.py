@@ -168,17 +168,18 @@ class Attention(nn.Module):
         N, L, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(N, L, 3, self.heads, D // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (N, heads, L, D / heads)
-        if prefix is None:
-            x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (N, heads, L, D / heads)
-        else:
-            P = prefix[0].shape[2]
+        P = 0 if prefix is None else prefix[0].shape[2]
+        if prefix is not None:  # query i of x sits at position P + i: it sees keys 0..P + i
             k, v = torch.cat([prefix[0], k], dim=2), torch.cat([prefix[1], v], dim=2)  # (N, heads, P + L, D / heads)
-            # query i of x sits at position P + i: it sees keys 0..P + i, the causal mask aligned to the bottom right
+        if rows is not None:  # only the token read queries: (N, heads, 1, D / heads)
+            q = q[torch.arange(N, device=q.device), :, rows][:, :, None]
+            mask = (torch.arange(P + L, device=q.device) <= P + rows[:, None])[:, None, None] if causal else None
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # mask: (N, 1, 1, P + L)
+        elif prefix is None:
+            x = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # (N, heads, L, D / heads)
+        else:  # the causal mask aligned to the bottom right
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(L, P + L))
-        x = x.transpose(1, 2)  # (N, L, heads, D / heads)
-        if rows is not None:
-            x = x[torch.arange(N, device=x.device), rows][:, None]  # (N, 1, heads, D / heads)
-        return self.out_proj(x.reshape(N, -1, D))
+        return self.out_proj(x.transpose(1, 2).reshape(N, -1, D))  # (N, L or 1, D)
 
     def keys_values(self, x):
         """x: (G, P, D) -> its keys and values 2 x (G, heads, P, D / heads), as forward computes them."""
@@ -647,7 +648,9 @@ def load(name, device=None, jit=False, download_root=None):
     try:
         import clip_weights
     except ModuleNotFoundError as e:
-        if e.name != "clip_weights" or not os.path.isfile(name):
+        if e.name != "clip_weights":  # clip_weights.py is there, but something it imports is not
+            raise
+        if not os.path.isfile(name):
             raise CLIPError(f"model {name!r}: names, hf-hub: and folders need clip_weights.py beside clip_model.py; "
                             f"or pass the path of an OpenAI checkpoint file") from None
         path, state_dict, quick_gelu = name, read_state_dict(name), True

@@ -158,14 +158,17 @@ def activation(folder):
     path = os.path.join(folder, "open_clip_config.json")
     if os.path.isfile(path):
         cfg = read_json(path)
-        quick = (cfg.get("model_cfg", cfg) if isinstance(cfg, dict) else {}).get("quick_gelu", False)
+        model_cfg = cfg.get("model_cfg", cfg) if isinstance(cfg, dict) else None
+        quick = model_cfg.get("quick_gelu", False) if isinstance(model_cfg, dict) else False
         return bool(quick), f"{'QuickGELU' if quick else 'GELU'} (model_cfg.quick_gelu={quick} in {path})"
     path = os.path.join(folder, "config.json")
     cfg = read_json(path) if os.path.isfile(path) else None
     if isinstance(cfg, dict) and "text_config" in cfg:
-        acts = {(cfg.get(t) or {}).get("hidden_act", "quick_gelu") for t in ("text_config", "vision_config")}
+        towers = [cfg.get(t) if isinstance(cfg.get(t), dict) else {} for t in ("text_config", "vision_config")]
+        acts = {tower.get("hidden_act", "quick_gelu") for tower in towers}
         if len(acts) > 1 or not acts <= {"quick_gelu", "gelu"}:
-            raise CLIPError(f"{path}: hidden_act {sorted(acts)}: this CLIP runs one activation, quick_gelu or gelu")
+            raise CLIPError(f"{path}: hidden_act {sorted(map(str, acts))}: this CLIP runs one activation, quick_gelu "
+                            "or gelu")
         quick = acts == {"quick_gelu"}
         return quick, f"{'QuickGELU' if quick else 'GELU'} (hidden_act {acts.pop()} in {path})"
     return True, "QuickGELU (no open_clip_config.json or CLIP config.json beside the file: OpenAI's activation)"

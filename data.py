@@ -345,11 +345,17 @@ def download_split(path, log):
     if git_blob_id(data) != SPLIT_BLOB_IDS[name]:
         raise DataError(f"{url} is not the pinned {name} (git blob id {git_blob_id(data)}, expected "
                         f"{SPLIT_BLOB_IDS[name]}): nothing written; fetch it elsewhere and put it in {folder}")
-    os.makedirs(folder, exist_ok=True)
     partial = f"{path}.{os.getpid()}-{os.urandom(4).hex()}.part"  # unique: concurrent runs never share it
-    with open(partial, "xb") as f:
-        f.write(data)
-    os.replace(partial, path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(partial, "xb") as f:
+            f.write(data)
+        os.replace(partial, path)
+    except OSError as e:
+        raise DataError(f"cannot write {path} ({e.strerror or e}): make {folder} writable or free disk space") from None
+    finally:  # also on Ctrl-C: no partial file left behind
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 def download_with_torchvision(d, tv_class, sub_folder, log):
@@ -375,12 +381,12 @@ def read_coop_dataset(name, root, download, log):
     image_dir = os.path.join(d, spec["images"])
     if download and "tv" in spec and not os.path.isdir(image_dir):
         download_with_torchvision(d, *spec["tv"], log)
-    split = os.path.join(d, spec["split"]) if "split" in spec else None
-    if download and split and not os.path.isfile(split):
-        download_split(split, log)
     if not os.path.isdir(image_dir):
         how = " or pass --download" if "tv" in spec else ""
         raise DataError(f"{name}: {image_dir} not found: get {spec['get']}{how} (layouts: {COOP_DATASETS_MD})")
+    split = os.path.join(d, spec["split"]) if "split" in spec else None
+    if download and split and not os.path.isfile(split):
+        download_split(split, log)
     if split and os.path.isfile(split):
         train, val, test = read_split_json(split, image_dir)
     elif split and spec["read"] is None:

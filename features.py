@@ -22,7 +22,7 @@ import torch
 
 import clip_weights
 import data
-from runs import locked, progress, save_atomic, temporary_name
+from runs import RunError, locked, progress, save_atomic, temporary_name
 
 FEATURE_CACHE_BUDGET = 20 * 2 ** 30  # bytes of cached test features per output dir; the oldest files go first
 BANK_BUDGET = 100 * 2 ** 30  # bytes one feature bank may take (and never more than the free disk space)
@@ -98,10 +98,24 @@ def writable(folder, what, instead):
         os.remove(probe)
         return True
     except OSError as e:
-        if folder not in UNWRITABLE:
-            UNWRITABLE.add(folder)
-            print(f"warning: {what} {folder} cannot be written ({e.strerror or e}): {instead}")
-        return False
+        return unwritable(folder, f"{what} {folder} cannot be written ({e.strerror or e}): {instead}")
+
+
+def unwritable(folder, message):
+    """Say once per folder and process that a store cannot be written, and what happens instead; -> False."""
+    if folder not in UNWRITABLE:
+        UNWRITABLE.add(folder)
+        print(f"warning: {message}")
+    return False
+
+
+def keep(features, path, what, instead, budget=None):
+    """Store features for later runs; a write that fails (a full disk, a quota) is said once and skipped."""
+    if writable(os.path.dirname(path), what, instead):
+        try:
+            write_features(features, path, budget)
+        except RunError as e:
+            unwritable(os.path.dirname(path), f"{what}: {e}; meanwhile {instead}")
 
 
 def feature_dtype(autocast):
@@ -127,8 +141,7 @@ def image_features(clip, items, transform, *, backbone, output_dir, workers, dev
     if features is None:
         loader = data.make_loader(items, transform, 256, train=False, workers=workers)
         features = encode_all(clip, loader, device, autocast, f"image features ({len(items)} images)")
-        if writable(os.path.dirname(path), "the test-feature cache", "computing features in every run"):
-            write_features(features, path, FEATURE_CACHE_BUDGET)
+        keep(features, path, "the test-feature cache", "computing features in every run", FEATURE_CACHE_BUDGET)
     return features
 
 
@@ -180,7 +193,7 @@ class FeatureBank:
                     self.loader = self.make_loader()
                 self.loader.sampler.set_epoch(epoch)
                 features = encode_all(self.clip, self.loader, self.device, self.autocast, f"feature bank epoch {epoch + 1}")
-                write_features(features, path)
+                keep(features, path, "feature bank", "its epochs are computed again by later runs")
                 self.built += 1
             else:
                 self.reused += 1

@@ -51,7 +51,7 @@ SHIFTS = ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"]  # ImageN
 SHOTS, SEEDS = [1, 2, 4, 8, 16], [1, 2, 3]
 BACKBONES = {"RN50": "ResNet-50", "RN101": "ResNet-101", "ViT-B/32": "ViT-B/32", "ViT-B/16": "ViT-B/16"}
 METRICS = {"accuracy": lambda row: row["accuracy"],
-           "minutes": lambda row: None if row["train_seconds"] is None else row["train_seconds"] / 60,
+           "minutes": lambda row: None if row.get("train_seconds") is None else row["train_seconds"] / 60,
            "var_v": lambda row: row["var_v"], "var_t": lambda row: row["var_t"]}
 
 
@@ -586,7 +586,7 @@ def row_problem(row):
     kind = "variance" if row.get("kind") == "variance" else "train" if "kind" not in row else None
     if kind is None:
         return f"unknown kind {row['kind']!r}"
-    fields = {**ROW_FIELDS[kind], **{k: float for k in NUMBERS if k in row}}
+    fields = {**ROW_FIELDS[kind], **{k: float for k in NUMBERS if row.get(k) is not None}}  # None: not recorded
     for key, expected in fields.items():
         value = row.get(key)
         if key not in row:
@@ -1204,7 +1204,8 @@ def main(argv=None):
             if args.gres:
                 opts.gpus_per_task = None
             tasks = tasks_of(todo)
-            slurm = [x for d in SLURM if getattr(args, d) is not None for x in (runs.option(d), str(getattr(args, d)))]
+            given = [(runs.option(d), str(getattr(args, d))) for d in SLURM if getattr(args, d) is not None]
+            slurm = [x for o, v in given for x in ([f"{o}={v}"] if v.startswith("-") else [o, v])]  # --sbatch=--qos=x
             write_slurm(args.slurm, args.recipe, tasks, out, opts, again(args, "--slurm", args.slurm, *slurm))
             print(f"wrote {args.slurm}: {summary}, in {len(tasks)} array tasks (a task: the runs of one training "
                   "subset, one after another)\nsubmit it with:")

@@ -472,8 +472,9 @@ def hold_run(args, directory, trains):
             yield
     except KeyboardInterrupt as e:
         path = os.path.join(directory, "checkpoint.pt")
+        resumable = os.path.isfile(path) and not args.eval_only and args.method in EPOCHS
         saved = f"{path} holds epoch {torch.load(path, weights_only=True)['epoch']}; add --resume to the same " \
-                "command to continue" if os.path.isfile(path) and not args.eval_only else "nothing was saved"
+                "command to continue" if resumable else "nothing to resume: run the same command again"
         terminated = isinstance(e, Terminated)
         raise Interrupted(f"{'terminated (SIGTERM)' if terminated else 'interrupted'}: {saved}",
                           143 if terminated else 130) from None
@@ -524,7 +525,8 @@ def load_checkpoint(path):
 def diverged(loss, epoch, args, path, saved_epoch, precision):
     """The RunError for a training loss that became nan or inf in `epoch`: what to do (the same settings diverge again
     on --resume: training is exact), and whether the last checkpoint this run saved is usable: only if its parameters
-    are finite and within float16's range (AMP runs them in float16)."""
+    are finite and within float16's range (prompts and classifiers are O(1); beyond that range the run had already
+    diverged, and fp16 AMP could not even run them)."""
     fix = f"loss became {loss} in epoch {epoch + 1}: start the run from scratch with a lower --lr than {args.lr:g}" + \
         (" or with --precision fp32" if precision == "amp float16" else "") + " (--resume would diverge again)"
     if not saved_epoch:

@@ -146,12 +146,14 @@ def training_batches(model, ds, args, compute):
 
 
 def train(model, ds, args, settings, compute):
-    """SGD on the method's parameters, a checkpoint after every epoch; -> what it trained from, earlier sessions' seconds."""
+    """SGD on the method's parameters, a checkpoint after every epoch; -> what it trained from, and the seconds spent
+    training, over every session of a resumed run (None when an older checkpoint did not record them)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=5e-4)
     device, autocast, scaler = compute.device, compute.autocast, compute.scaler
     path, accuracy = os.path.join(run_dir(args, settings), "checkpoint.pt"), None
     start, (start_epoch, earlier) = time.time(), resume(path, args, settings, model, optimizer, scaler)
+    spent = lambda: None if earlier is None else earlier + time.time() - start  # every session's (Rethinking Table 3)
     batches, n_batches, forward, train_from = training_batches(model, ds, args, compute)
     forward = torch.compile(forward) if args.compile else forward  # compiled at the first step (slow)
     chance = 100 / len(ds.classnames)
@@ -180,13 +182,12 @@ def train(model, ds, args, settings, compute):
         memory = f" | mem {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB" if device == "cuda" else ""
         print(f"epoch {epoch + 1}/{args.epochs} | loss {loss:.4f} | acc {accuracy:.2f}% | lr {lr_at(epoch, args):.2e} | "
               f"{seconds:.1f}s | eta {seconds * (args.epochs - epoch - 1) / 60:.1f} min{memory}", flush=True)
-        spent = None if earlier is None else earlier + time.time() - start  # every session's, for Rethinking Table 3
-        save_atomic(checkpoint_of(model, args, ds, settings, epoch + 1, optimizer, scaler, train_seconds=spent), path)
+        save_atomic(checkpoint_of(model, args, ds, settings, epoch + 1, optimizer, scaler, train_seconds=spent()), path)
     if isinstance(train_from, FeatureBank):
         print(f"feature bank {train_from.dir}: {train_from.reused} epochs reused, {train_from.built} built")
     if accuracy is not None and args.epochs > 1 and accuracy < 1.5 * chance:
         print(f"warning: train accuracy {accuracy:.1f}% is near chance ({chance:.1f}%): the run may have collapsed")
-    return "feature bank" if isinstance(train_from, FeatureBank) else train_from, earlier
+    return "feature bank" if isinstance(train_from, FeatureBank) else train_from, spent()
 
 
 def cached_features(clip, items, transform, args, compute):
@@ -251,19 +252,20 @@ def train_and_evaluate(args, settings, commit, ds, targets, compute):
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.method}: {n_trainable:,} trainable parameters "
           f"({100 * n_trainable / sum(p.numel() for p in clip.parameters()):.4f}% of CLIP) | {len(classnames)} classes")
-    start, train_from, earlier, fit = time.time(), None, 0.0, {}
-    if args.eval_only:
+    start, train_from, fit = time.time(), None, {}
+    if args.eval_only:  # the training's seconds and fit, as the checkpoint recorded them
         load_trainable(model, checkpoint["model"], args.checkpoint)
-        fit = checkpoint.get("fit") or {}
+        train_seconds, fit = checkpoint.get("train_seconds"), checkpoint.get("fit") or {}
     elif args.method == "linear_probe":
-        model = train_linear_probe(clip, ds, args, compute)
+        model, train_seconds = train_linear_probe(clip, ds, args, compute), time.time() - start
         fit = dict(linear_probe_c=model.cost, linear_probe_c_search=model.cost_search,
                    linear_probe_val_accuracy=model.val_accuracy)
-        save_atomic(checkpoint_of(model, args, ds, settings, 0, train_seconds=time.time() - start, fit=fit),
+        save_atomic(checkpoint_of(model, args, ds, settings, 0, train_seconds=train_seconds, fit=fit),
                     os.path.join(run_dir(args, settings), "checkpoint.pt"))
     elif n_trainable:
-        train_from, earlier = train(model, ds, args, settings, compute)
-    train_seconds = None if earlier is None else round(earlier + time.time() - start, 1)  # resumed: every session's
+        train_from, train_seconds = train(model, ds, args, settings, compute)
+    else:
+        train_seconds = time.time() - start
     trained, trained_state = model, trainable_state(model)
 
     rows, weights = [], backbone_weights(args.backbone)
@@ -280,7 +282,7 @@ def train_and_evaluate(args, settings, commit, ds, targets, compute):
                "train_subsample": settings["subsample"], "dataset": name, "subsample": subsample,
                "accuracy": round(accuracy, 4), "macro_f1": round(macro_f1, 4), "test_images": len(target.test),
                "eval_only": args.eval_only, "checkpoint": args.checkpoint, "train_from": train_from,
-               "train_seconds": train_seconds, "eval_seconds": round(time.time() - t0, 1),
+               "train_seconds": train_seconds if train_seconds is None else round(train_seconds, 1), "eval_seconds": round(time.time() - t0, 1),
                "trainable_params": n_trainable, "precision_used": compute.precision, "compile": args.compile,
                "device": torch.cuda.get_device_name() if compute.device == "cuda" else "cpu", "git": commit,
                "time": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -269,7 +269,7 @@ def main(argv=None):
     a.add_argument("--last", type=int, default=1, help="the last N ViT blocks, one PNG each (the paper: the last)")
     s = commands.add_parser("sphere", help="UPT Fig. 2: features and classifiers on the unit sphere")
     s.add_argument("--dataset", required=True, help="the checkpoints' dataset (the paper: eurosat, oxford_flowers)")
-    s.add_argument("--root", default="DATA", help="folder holding the datasets ($DATA)")
+    s.add_argument("--root", default=os.environ.get("DATA", "DATA"), help="folder holding the datasets ($DATA)")
     s.add_argument("--checkpoint", action="append", default=[], help="checkpoint.pt of a coop, vpt_*, upt* or "
                    "linear_ft run; repeat it (zero-shot CLIP is always drawn)")
     s.add_argument("--backbone", help="zero-shot CLIP's backbone when no checkpoint is given (default ViT-B/16)")

@@ -911,6 +911,17 @@ def test_a_feature_store_that_cannot_be_written_warns_once_and_the_run_goes_on(h
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
 
 
+def test_a_failed_feature_write_is_said_once_and_the_run_goes_on(folder, vit_checkpoint, tmp_path, monkeypatch, capsys):
+    def full_disk(features_, path, budget=None):  # what save_atomic raises on a full disk
+        raise runs.RunError(f"cannot write {path} (No space left on device): free disk space or choose another "
+                            "--output-dir")
+    monkeypatch.setattr(features, "write_features", full_disk)
+    [row] = run("coop", folder, vit_checkpoint, tmp_path / "out")  # 2 bank epochs and one test set not stored
+    printed = capsys.readouterr().out
+    assert printed.count("warning: feature bank: cannot write ") == 1, printed
+    assert printed.count("warning: the test-feature cache: cannot write ") == 1, printed
+    assert row["train_from"] == "feature bank" and not find(tmp_path / "out", "epoch0000.pt")
+
 def die_mid_write(path):
     with open(runs.temporary_name(path), "wb") as f:
         f.write(b"PK\x03\x04 half a file")

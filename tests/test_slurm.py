@@ -146,6 +146,8 @@ PartitionName=test Nodes=testnode Default=YES MaxTime=INFINITE State=UP
         while sinfo(env) != "idle":
             if time.time() > deadline or any(p.poll() is not None for p in daemons):
                 logs = "\n".join(f.read_text()[-800:] for f in sorted((d / "log").iterdir()))
+                if any(p.poll() is not None for p in daemons):  # this machine cannot run the daemons (no cgroups, ...)
+                    pytest.skip(f"a Slurm daemon could not start here:\n{logs}")
                 pytest.fail(f"the test cluster did not come up (sinfo: {sinfo(env)!r}):\n{logs}")
             time.sleep(0.5)
         yield env

@@ -179,10 +179,11 @@ def test_a_bare_openai_state_dict_is_quick_gelu_and_a_gelu_one_loads_with_an_ope
     assert activations(model) == {"GELU"} and "GELU (model_cfg.quick_gelu=False" in capsys.readouterr().out
 
 
-def test_mixed_activations_in_a_transformers_config_are_refused(tmp_path, vit):
+@pytest.mark.parametrize("act", ["gelu", None])  # two activations; a null one
+def test_mixed_activations_in_a_transformers_config_are_refused(tmp_path, vit, act):
     write_layout(str(tmp_path), vit, "transformers", "safetensors", quick_gelu=True)
     cfg = json.loads((tmp_path / "config.json").read_text())
-    cfg["vision_config"]["hidden_act"] = "gelu"
+    cfg["vision_config"]["hidden_act"] = act
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CLIPError, match="one activation"):
         clip_model.load(str(tmp_path), device="cpu")
