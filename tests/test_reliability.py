@@ -811,6 +811,13 @@ def test_a_bad_results_line_is_skipped_with_one_warning_and_the_rest_is_read(nam
     assert (tmp_path / "results.jsonl").read_bytes() == content
 
 
+def test_a_row_whose_train_seconds_were_not_recorded_is_read(tmp_path, capsys):
+    row = {**GOOD_ROW, "train_seconds": None}  # train.py resumed from a checkpoint older than that record
+    (tmp_path / "results.jsonl").write_text(json.dumps(row) + "\n")
+    assert reproduce.read_results(str(tmp_path)) == {("abc", "dtd", "all"): row} and not capsys.readouterr().err
+    assert reproduce.METRICS["minutes"](row) is None and reproduce.METRICS["minutes"](GOOD_ROW) == 1.0
+
+
 def test_the_report_goes_on_over_every_kind_of_bad_line(tmp_path, capsys):
     lines = [line if line.endswith(b"\n") else line + b"\n" for _, line, _ in BAD_LINES]
     (tmp_path / "results.jsonl").write_bytes(b"".join(lines))
