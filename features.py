@@ -47,10 +47,6 @@ def images_stamp(items):
     return digest.hexdigest()
 
 
-def features_key(*parts):
-    return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:20]
-
-
 def tensor_sha256(t):
     return hashlib.sha256(t.contiguous().view(torch.uint8).numpy()).hexdigest()
 
@@ -122,6 +118,14 @@ def feature_dtype(autocast):
     return autocast.fast_dtype if isinstance(autocast, torch.autocast) else torch.float32
 
 
+def features_key(backbone, transform, items, *extra, autocast, device):
+    """The key of stored features: what determines them (the weights, the transform, the images and what can change
+    them, `extra` such as the augmentation seed, the precision and the device)."""
+    parts = [backbone_weights(backbone).sha256, data.transform_key(transform), items, images_stamp(items), *extra,
+             str(feature_dtype(autocast)), device]
+    return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:20]
+
+
 @torch.no_grad()
 def encode_all(clip, loader, device, autocast, what):
     out = []
@@ -133,8 +137,7 @@ def encode_all(clip, loader, device, autocast, what):
 
 def image_features(clip, items, transform, *, backbone, output_dir, workers, device, autocast):
     """(N, E) features of the images `items` under a deterministic transform, cached in OUTPUT/feature_cache/."""
-    key = features_key(backbone_weights(backbone).sha256, data.transform_key(transform), items, images_stamp(items),
-                       str(feature_dtype(autocast)), device)
+    key = features_key(backbone, transform, items, autocast=autocast, device=device)
     path = os.path.join(output_dir, "feature_cache", f"{key}.pt")
     shape, dtype = (len(items), clip.visual.output_dim), feature_dtype(autocast)
     features = read_features(path, shape, dtype)
@@ -155,9 +158,7 @@ class FeatureBank:
         transform = data.train_transform(clip.visual.input_resolution)
         self.make_loader = functools.partial(data.make_loader, items, transform, 256, train=False, seed=seed,
                                              workers=workers)
-        key = features_key(backbone_weights(backbone).sha256, data.transform_key(transform), items, images_stamp(items),
-                           seed,
-                           str(feature_dtype(autocast)), device)
+        key = features_key(backbone, transform, items, seed, autocast=autocast, device=device)
         self.dir = os.path.join(output_dir, "feature_bank", key)
         self.shape, self.dtype = (len(items), clip.visual.output_dim), feature_dtype(autocast)
         self.loader, self.built, self.reused = None, 0, 0

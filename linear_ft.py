@@ -145,7 +145,8 @@ def fit_linear_probe(clip, train_features, train_labels, val_features, val_label
                                                         steps=steps)
         return LinearProbe(clip, weight, bias, cost=cost, val_accuracy=accuracy,
                            cost_search=f"{how} on the validation split ({len(y_val)} images)")
-    shots = int(torch.bincount(y.cpu()).masked_select(torch.bincount(y.cpu()) > 0).min())
+    counts = torch.bincount(y.cpu())
+    shots = int(counts[counts > 0].min())
     per_class = min(shots // 2, HOLDOUT_SHOTS)
     if per_class == 0:
         weight, bias = fit_logistic(x, y, K, 1.0, max_iter)
